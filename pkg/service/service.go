@@ -1,0 +1,201 @@
+// Package service holds the scaffolding every Bulkhead binary shares: the
+// common configuration (NATS, metrics, logging) and running components
+// together until shutdown, which drains in-flight work within a bound.
+package service
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
+	"github.com/bulkhead-io/bulkhead/pkg/natsconn"
+	"github.com/bulkhead-io/bulkhead/pkg/obs"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+)
+
+// Base is the configuration every service has.
+type Base struct {
+	// NATS says where JetStream is.
+	NATS natsconn.Options
+	// MetricsAddr serves /metrics, /healthz and /debug/pprof.
+	MetricsAddr string
+	// LogLevel is debug, info, warn or error.
+	LogLevel string
+	// ShutdownTimeout bounds the drain of in-flight work at shutdown.
+	ShutdownTimeout time.Duration
+	// Streams sizes the streams this service creates or updates at start-up.
+	// Every service applies it, so give every service the same values.
+	Streams stream.Limits
+}
+
+// RegisterFlags adds the common flags with the service's defaults.
+func (b *Base) RegisterFlags(fs *flag.FlagSet, name, metricsAddr string) {
+	b.NATS.Name = "bulkhead-" + name
+	fs.StringVar(&b.NATS.URL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+	fs.StringVar(&b.NATS.CredsFile, "nats-creds", "", "NATS credentials file")
+	fs.StringVar(&b.NATS.User, "nats-user", "", "NATS user (when no credentials file)")
+	fs.StringVar(&b.NATS.Password, "nats-password", "", "NATS password")
+	fs.StringVar(&b.MetricsAddr, "metrics-addr", metricsAddr, "address for /metrics, /healthz and /debug/pprof (empty: off)")
+	fs.StringVar(&b.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&b.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "bound on draining in-flight work at shutdown")
+	d := stream.DefaultLimits()
+	b.Streams = d
+	fs.IntVar(&b.Streams.Replicas, "stream-replicas", d.Replicas, "replicas of every stream and bucket (3 in a cluster)")
+	fs.Int64Var(&b.Streams.ImpressionsMaxBytes, "impressions-max-bytes", d.ImpressionsMaxBytes, "IMPRESSIONS stream size; when full, ingest refuses")
+	fs.Int64Var(&b.Streams.DeliveryMaxBytes, "delivery-max-bytes", d.DeliveryMaxBytes, "DELIVERY stream size; when full, routing waits")
+	fs.Int64Var(&b.Streams.ParkedMaxBytes, "parked-max-bytes", d.ParkedMaxBytes, "PARKED stream size; when full, routing waits and alarms")
+	fs.DurationVar(&b.Streams.ParkedMaxAge, "export-window", d.ParkedMaxAge, "how long parked impressions are kept for replay and export")
+	fs.DurationVar(&b.Streams.DedupWindow, "dedup-window", d.DedupWindow, "how long an idempotency key is remembered")
+}
+
+// Connect connects to NATS and ensures the streams and buckets exist.
+func (b Base) Connect(ctx context.Context, log *slog.Logger) (*nats.Conn, jetstream.JetStream, error) {
+	nc, js, err := natsconn.Connect(b.NATS, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := stream.Ensure(ectx, js, b.Streams); err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return nc, js, nil
+}
+
+// Drain stops nc after its subscriptions and pending publishes are flushed.
+func Drain(nc *nats.Conn, timeout time.Duration, log *slog.Logger) {
+	closed := make(chan struct{})
+	nc.SetClosedHandler(func(*nats.Conn) { close(closed) })
+	if err := nc.Drain(); err != nil {
+		nc.Close()
+		return
+	}
+	select {
+	case <-closed:
+	case <-time.After(timeout):
+		log.Warn("nats drain timed out; closing")
+		nc.Close()
+	}
+}
+
+// Validate checks the common configuration.
+func (b Base) Validate() error {
+	if b.NATS.URL == "" {
+		return errors.New("nats-url is required")
+	}
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(b.LogLevel)); err != nil {
+		return fmt.Errorf("log-level: %w", err)
+	}
+	if b.ShutdownTimeout <= 0 {
+		return errors.New("shutdown-timeout must be positive")
+	}
+	return nil
+}
+
+// LogValue logs the configuration with secrets masked.
+func (b Base) LogValue() slog.Value {
+	pw := ""
+	if b.NATS.Password != "" {
+		pw = "****"
+	}
+	return slog.GroupValue(
+		slog.String("nats_url", b.NATS.URL), slog.String("nats_creds", b.NATS.CredsFile),
+		slog.String("nats_user", b.NATS.User), slog.String("nats_password", pw),
+		slog.String("metrics_addr", b.MetricsAddr), slog.String("log_level", b.LogLevel),
+		slog.Duration("shutdown_timeout", b.ShutdownTimeout))
+}
+
+// Component is one long-running part of a service. Run blocks until ctx ends
+// (or it fails), then finishes its in-flight work and returns.
+type Component struct {
+	Name string
+	Run  func(ctx context.Context) error
+}
+
+// Run runs the components until ctx ends or one of them fails, and returns
+// the first failure. Every component sees the same cancellation.
+func Run(ctx context.Context, comps ...Component) error {
+	g, ctx := errgroup.WithContext(ctx)
+	for _, c := range comps {
+		g.Go(func() error {
+			if err := c.Run(ctx); err != nil {
+				return fmt.Errorf("%s: %w", c.Name, err)
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
+// GRPC serves s on lis until ctx ends, then stops it gracefully within timeout.
+func GRPC(s *grpcserver.Server, lis net.Listener, timeout time.Duration) Component {
+	return Component{Name: "grpc " + lis.Addr().String(), Run: func(ctx context.Context) error {
+		errc := make(chan error, 1)
+		go func() { errc <- s.Serve(lis) }()
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		s.Shutdown(sctx)
+		<-errc
+		return nil
+	}}
+}
+
+// Metrics serves m until ctx ends.
+func Metrics(m *obs.MetricsServer, timeout time.Duration) Component {
+	return Component{Name: "metrics", Run: func(ctx context.Context) error {
+		errc := make(chan error, 1)
+		go func() { errc <- m.Serve() }()
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		err := m.Shutdown(sctx)
+		<-errc
+		return err
+	}}
+}
+
+// Listen opens addr, or returns nil for an empty addr.
+func Listen(addr string) (net.Listener, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return lis, nil
+}
+
+// ReplicaID names this process among replicas: host name and a random suffix.
+func ReplicaID() string {
+	host, err := os.Hostname()
+	if err != nil {
+		host = "replica"
+	}
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return host + "-" + hex.EncodeToString(b[:])
+}

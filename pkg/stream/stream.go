@@ -1,0 +1,195 @@
+// Package stream declares Bulkhead's JetStream streams and KV buckets and
+// creates them idempotently, with explicit limits and "discard new" so a full
+// stream refuses producers instead of dropping accepted data.
+package stream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+// Limits size the streams. Zero values take the defaults of DefaultLimits.
+type Limits struct {
+	// Replicas of every stream and bucket (1 embedded, 3 in a cluster).
+	Replicas int
+	// ImpressionsMaxBytes bounds accepted-but-unrouted impressions.
+	ImpressionsMaxBytes int64
+	// DeliveryMaxBytes bounds routed-but-undelivered batches.
+	DeliveryMaxBytes int64
+	// ParkedMaxBytes bounds parked batches.
+	ParkedMaxBytes int64
+	// ParkedMaxAge is the export window: parked batches are kept this long.
+	ParkedMaxAge time.Duration
+	// OutcomesMaxAge keeps delivery outcomes just long enough for the monitor.
+	OutcomesMaxAge time.Duration
+	// AuditMaxAge keeps decisions and admin actions.
+	AuditMaxAge time.Duration
+	// DedupWindow is how long an idempotency key is remembered by ingest.
+	DedupWindow time.Duration
+	// MaxConsumers on DELIVERY: one durable consumer per destination.
+	MaxConsumers int
+}
+
+// DefaultLimits are sized for one machine.
+func DefaultLimits() Limits {
+	return Limits{
+		Replicas:            1,
+		ImpressionsMaxBytes: 2 << 30,
+		DeliveryMaxBytes:    4 << 30,
+		ParkedMaxBytes:      8 << 30,
+		ParkedMaxAge:        7 * 24 * time.Hour,
+		OutcomesMaxAge:      10 * time.Minute,
+		AuditMaxAge:         90 * 24 * time.Hour,
+		DedupWindow:         time.Hour,
+		MaxConsumers:        10000,
+	}
+}
+
+func (l Limits) withDefaults() Limits {
+	d := DefaultLimits()
+	if l.Replicas == 0 {
+		l.Replicas = d.Replicas
+	}
+	if l.ImpressionsMaxBytes == 0 {
+		l.ImpressionsMaxBytes = d.ImpressionsMaxBytes
+	}
+	if l.DeliveryMaxBytes == 0 {
+		l.DeliveryMaxBytes = d.DeliveryMaxBytes
+	}
+	if l.ParkedMaxBytes == 0 {
+		l.ParkedMaxBytes = d.ParkedMaxBytes
+	}
+	if l.ParkedMaxAge == 0 {
+		l.ParkedMaxAge = d.ParkedMaxAge
+	}
+	if l.OutcomesMaxAge == 0 {
+		l.OutcomesMaxAge = d.OutcomesMaxAge
+	}
+	if l.AuditMaxAge == 0 {
+		l.AuditMaxAge = d.AuditMaxAge
+	}
+	if l.DedupWindow == 0 {
+		l.DedupWindow = d.DedupWindow
+	}
+	if l.MaxConsumers == 0 {
+		l.MaxConsumers = d.MaxConsumers
+	}
+	return l
+}
+
+// Streams returns the stream configurations for l.
+func Streams(l Limits) []jetstream.StreamConfig {
+	l = l.withDefaults()
+	return []jetstream.StreamConfig{
+		{
+			Name:        subject.StreamImpressions,
+			Description: "accepted impressions, not yet routed",
+			Subjects:    []string{subject.AllIn},
+			Retention:   jetstream.WorkQueuePolicy,
+			Discard:     jetstream.DiscardNew,
+			MaxBytes:    l.ImpressionsMaxBytes,
+			Duplicates:  l.DedupWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    l.Replicas,
+		},
+		{
+			Name:         subject.StreamDelivery,
+			Description:  "routed batches, not yet delivered",
+			Subjects:     []string{subject.AllDeliver},
+			Retention:    jetstream.WorkQueuePolicy,
+			Discard:      jetstream.DiscardNew,
+			MaxBytes:     l.DeliveryMaxBytes,
+			Duplicates:   5 * time.Minute,
+			MaxConsumers: l.MaxConsumers,
+			Storage:      jetstream.FileStorage,
+			Replicas:     l.Replicas,
+		},
+		{
+			Name:        subject.StreamParked,
+			Description: "quarantined, paused and undeliverable batches; replay and export source",
+			Subjects:    []string{subject.AllParked},
+			Retention:   jetstream.LimitsPolicy,
+			Discard:     jetstream.DiscardNew,
+			MaxBytes:    l.ParkedMaxBytes,
+			MaxAge:      l.ParkedMaxAge,
+			Duplicates:  5 * time.Minute,
+			Storage:     jetstream.FileStorage,
+			Replicas:    l.Replicas,
+		},
+		{
+			Name:        subject.StreamOutcomes,
+			Description: "every delivery attempt; the health signal",
+			Subjects:    []string{subject.AllOutcomes},
+			Retention:   jetstream.LimitsPolicy,
+			// Outcomes are a signal, not data: when full, the oldest go.
+			Discard:  jetstream.DiscardOld,
+			MaxBytes: 512 << 20,
+			MaxAge:   l.OutcomesMaxAge,
+			Storage:  jetstream.FileStorage,
+			Replicas: l.Replicas,
+		},
+		{
+			Name:        subject.StreamAudit,
+			Description: "decisions and admin actions",
+			Subjects:    []string{subject.AllAudit},
+			Retention:   jetstream.LimitsPolicy,
+			Discard:     jetstream.DiscardNew,
+			MaxBytes:    1 << 30,
+			MaxAge:      l.AuditMaxAge,
+			Storage:     jetstream.FileStorage,
+			Replicas:    l.Replicas,
+		},
+	}
+}
+
+// LeaseTTL is how long the monitor's leadership lease lives without renewal.
+const LeaseTTL = 6 * time.Second
+
+// Buckets returns the KV bucket configurations for l.
+func Buckets(l Limits) []jetstream.KeyValueConfig {
+	l = l.withDefaults()
+	return []jetstream.KeyValueConfig{
+		{Bucket: subject.BucketDestinations, Description: "destination registry", History: 10, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: subject.BucketQuarantine, Description: "decisions the routers and deliverers enforce", History: 20, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: subject.BucketLeases, Description: "leadership leases", History: 1, TTL: LeaseTTL, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+	}
+}
+
+// Ensure creates or updates every stream and bucket. It is safe to call from
+// every replica of every service at start-up.
+func Ensure(ctx context.Context, js jetstream.JetStream, l Limits) error {
+	for _, cfg := range Streams(l) {
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
+		}
+	}
+	for _, cfg := range Buckets(l) {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("ensure bucket %s: %w", cfg.Bucket, err)
+		}
+	}
+	return nil
+}
+
+// IsFull reports whether err is JetStream refusing a message because a
+// stream with "discard new" reached its limits. Callers must back off and
+// refuse upstream; the message was not stored.
+func IsFull(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		// 10077 is JSStreamStoreFailedF, which carries "maximum bytes/messages exceeded".
+		return apiErr.ErrorCode == 10077 || apiErr.Code == 503 && containsLimit(apiErr.Description)
+	}
+	return containsLimit(err.Error())
+}
+
+func containsLimit(s string) bool {
+	return strings.Contains(s, "maximum bytes exceeded") || strings.Contains(s, "maximum messages exceeded")
+}

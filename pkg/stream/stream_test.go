@@ -1,0 +1,73 @@
+package stream
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/goleak"
+
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestEnsureIsIdempotent(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := 0; i < 2; i++ {
+		if err := Ensure(ctx, js, Limits{}); err != nil {
+			t.Fatalf("Ensure #%d: %v", i+1, err)
+		}
+	}
+	for _, cfg := range Streams(Limits{}) {
+		s, err := js.Stream(ctx, cfg.Name)
+		if err != nil {
+			t.Fatalf("stream %s: %v", cfg.Name, err)
+		}
+		if cfg.Name != subject.StreamOutcomes && s.CachedInfo().Config.Discard != jetstream.DiscardNew {
+			t.Errorf("%s: discard = %v, want new", cfg.Name, s.CachedInfo().Config.Discard)
+		}
+	}
+	for _, b := range []string{subject.BucketDestinations, subject.BucketQuarantine, subject.BucketLeases} {
+		if _, err := js.KeyValue(ctx, b); err != nil {
+			t.Errorf("bucket %s: %v", b, err)
+		}
+	}
+}
+
+func TestFullStreamRefusesAndIsFull(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := Ensure(ctx, js, Limits{ImpressionsMaxBytes: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 1000)
+	var err error
+	stored := 0
+	for i := 0; i < 10 && err == nil; i++ {
+		if _, err = js.Publish(ctx, "imp.in.t1", payload); err == nil {
+			stored++
+		}
+	}
+	if err == nil {
+		t.Fatal("a 4 KiB stream accepted 10 KiB")
+	}
+	if !IsFull(err) {
+		t.Fatalf("IsFull(%v) = false", err)
+	}
+	info, ierr := js.Stream(ctx, subject.StreamImpressions)
+	if ierr != nil {
+		t.Fatal(ierr)
+	}
+	if got := info.CachedInfo().State.Msgs; got != uint64(stored) {
+		t.Errorf("stream holds %d messages, %d were acknowledged", got, stored)
+	}
+	if IsFull(context.DeadlineExceeded) {
+		t.Error("IsFull(deadline) = true")
+	}
+}

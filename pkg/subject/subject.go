@@ -1,0 +1,85 @@
+// Package subject builds every JetStream subject Bulkhead uses, and is the only
+// place that does, so that no unvalidated id ever reaches a subject.
+package subject
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+)
+
+// ErrInvalidID is returned for a tenant or destination id that is not a
+// subject token of the form [A-Za-z0-9_-]{1,64}.
+var ErrInvalidID = errors.New("invalid id: want 1-64 characters of A-Z a-z 0-9 _ -")
+
+// Stream and bucket names.
+const (
+	StreamImpressions = "IMPRESSIONS"
+	StreamDelivery    = "DELIVERY"
+	StreamParked      = "PARKED"
+	StreamOutcomes    = "OUTCOMES"
+	StreamAudit       = "AUDIT"
+
+	BucketDestinations = "destinations"
+	BucketQuarantine   = "quarantine"
+	BucketLeases       = "leases"
+)
+
+// Wildcards that streams and consumers bind to.
+const (
+	AllIn       = "imp.in.>"
+	AllDeliver  = "imp.deliver.>"
+	AllParked   = "imp.parked.>"
+	AllOutcomes = "imp.outcome.>"
+	AllAudit    = "imp.audit.>"
+)
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// ValidID reports whether id may be used as a tenant or destination id.
+func ValidID(id string) bool { return idPattern.MatchString(id) }
+
+// CheckID returns an error wrapping ErrInvalidID when id is not valid.
+func CheckID(id string) error {
+	if !ValidID(id) {
+		return fmt.Errorf("%q: %w", id, ErrInvalidID)
+	}
+	return nil
+}
+
+func build(prefix, id string) (string, error) {
+	if err := CheckID(id); err != nil {
+		return "", err
+	}
+	return prefix + id, nil
+}
+
+// In is the subject of a tenant's accepted impressions: imp.in.<tenant>.
+func In(tenant string) (string, error) { return build("imp.in.", tenant) }
+
+// Deliver is the subject of a destination's routed batches: imp.deliver.<dest>.
+func Deliver(dest string) (string, error) { return build("imp.deliver.", dest) }
+
+// Parked is the subject of a destination's parked batches: imp.parked.<dest>.
+func Parked(dest string) (string, error) { return build("imp.parked.", dest) }
+
+// Outcome is the subject of a destination's delivery outcomes: imp.outcome.<dest>.
+func Outcome(dest string) (string, error) { return build("imp.outcome.", dest) }
+
+// AuditQuarantine is the subject of a destination's decisions:
+// imp.audit.quarantine.<dest>.
+func AuditQuarantine(dest string) (string, error) { return build("imp.audit.quarantine.", dest) }
+
+// AuditAdmin is the subject of admin actions on a tenant: imp.audit.admin.<tenant>.
+func AuditAdmin(tenant string) (string, error) { return build("imp.audit.admin.", tenant) }
+
+// IDFrom returns the last token of a subject built here (the tenant or
+// destination id), or ErrInvalidID when it is not one.
+func IDFrom(subj string) (string, error) {
+	for i := len(subj) - 1; i >= 0; i-- {
+		if subj[i] == '.' {
+			return subj[i+1:], CheckID(subj[i+1:])
+		}
+	}
+	return "", fmt.Errorf("subject %q: %w", subj, ErrInvalidID)
+}

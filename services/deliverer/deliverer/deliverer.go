@@ -1,0 +1,154 @@
+// Package deliverer wires the deliverer service: per-destination consumers,
+// the fair worker pool and the webhook client. main and the dev stack both
+// start it through Run.
+package deliverer
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/pkg/conf"
+	"github.com/bulkhead-io/bulkhead/pkg/netguard"
+	"github.com/bulkhead-io/bulkhead/pkg/obs"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/deliver"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+)
+
+// EnvPrefix prefixes the environment variables of this service.
+const EnvPrefix = "BULKHEAD_DELIVERER"
+
+// Config is the deliverer's configuration.
+type Config struct {
+	service.Base
+	Deliver deliver.Config
+	// AllowNets are CIDRs that destinations may resolve to although private
+	// (e.g. 127.0.0.0/8 for local development).
+	AllowNets      conf.StringList
+	ConnectTimeout time.Duration
+}
+
+// Flags registers the configuration's flags on fs and returns it with defaults.
+func Flags(fs *flag.FlagSet) *Config {
+	c := &Config{}
+	c.Base.RegisterFlags(fs, "deliverer", "127.0.0.1:7412")
+	d := &c.Deliver
+	d.Schedule = schedule.DefaultConfig()
+	d.Retry = retry.DefaultPolicy()
+	d.Defaults = batch.DefaultLimits()
+	fs.IntVar(&d.Workers, "workers", 64, "shared pool of POSTing workers")
+	fs.IntVar(&d.Schedule.MaxCap, "max-inflight-per-destination", d.Schedule.MaxCap, "ceiling of the adaptive per-destination in-flight cap")
+	fs.IntVar(&d.Schedule.InitialCap, "initial-inflight-per-destination", d.Schedule.InitialCap, "in-flight cap of a new destination")
+	fs.IntVar(&d.Schedule.MaxQueued, "max-queued-per-destination", d.Schedule.MaxQueued, "ready batches one destination may queue before its consumer pauses")
+	fs.IntVar(&d.Schedule.Quantum, "quantum", d.Schedule.Quantum, "fair-share quantum in impressions (deficit round robin)")
+	fs.DurationVar(&d.Retry.Base, "retry-base", d.Retry.Base, "first retry backoff (doubles per attempt, with jitter)")
+	fs.DurationVar(&d.Retry.Max, "retry-max", d.Retry.Max, "backoff ceiling")
+	fs.IntVar(&d.Retry.MaxAttempts, "retry-attempts", d.Retry.MaxAttempts, "attempts before a batch is parked")
+	fs.DurationVar(&d.Retry.MaxAge, "retry-max-age", d.Retry.MaxAge, "age after which a failing batch is parked")
+	fs.IntVar(&d.Defaults.MaxImpressions, "batch-max-impressions", 500, "default impressions per POST")
+	fs.IntVar(&d.Defaults.MaxBytes, "batch-max-bytes", d.Defaults.MaxBytes, "default body bytes per POST")
+	fs.DurationVar(&d.Defaults.Linger, "batch-linger", d.Defaults.Linger, "default wait for a partial batch")
+	fs.DurationVar(&d.DefaultTimeout, "request-timeout", 10*time.Second, "default bound on one POST")
+	fs.DurationVar(&d.AckWait, "ack-wait", time.Minute, "redelivery timeout of per-destination consumers")
+	fs.IntVar(&d.MaxAckPending, "max-ack-pending", 2000, "messages one destination may hold unacknowledged")
+	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 3*time.Second, "bound on one TCP connect or TLS handshake")
+	fs.Var(&c.AllowNets, "allow-nets", "CIDRs destinations may use although private, comma-separated (e.g. 127.0.0.0/8)")
+	return c
+}
+
+// ParseConfig reads flags and BULKHEAD_DELIVERER_* variables.
+func ParseConfig(args []string) (*Config, error) {
+	fs := flag.NewFlagSet("deliverer", flag.ContinueOnError)
+	c := Flags(fs)
+	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
+		return nil, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	if err := c.Base.Validate(); err != nil {
+		return err
+	}
+	d := c.Deliver
+	if d.Workers < 1 || d.Workers > 4096 {
+		return errors.New("workers: want 1 to 4096")
+	}
+	if err := d.Schedule.Validate(); err != nil {
+		return err
+	}
+	if err := d.Retry.Validate(); err != nil {
+		return err
+	}
+	if err := d.Defaults.Validate(); err != nil {
+		return err
+	}
+	if d.DefaultTimeout <= 0 || c.ConnectTimeout <= 0 {
+		return errors.New("request-timeout and connect-timeout must be positive")
+	}
+	if d.AckWait < 3*time.Second {
+		return errors.New("ack-wait: want at least 3s")
+	}
+	if d.MaxAckPending < 1 {
+		return errors.New("max-ack-pending: want at least 1")
+	}
+	_, err := netguard.NewPolicy(c.AllowNets)
+	return err
+}
+
+// Main opens the configured metrics listener and runs until ctx ends.
+func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+	m, err := service.Listen(c.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	return Run(ctx, c, log, m)
+}
+
+// Run delivers until ctx ends, then finishes the POSTs in flight, hands every
+// other message back to JetStream and drains NATS. metrics may be nil.
+func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener) error {
+	log.Info("starting deliverer", "config", c.Base, "workers", c.Deliver.Workers, "allow_nets", c.AllowNets)
+	policy, err := netguard.NewPolicy(c.AllowNets)
+	if err != nil {
+		return err
+	}
+
+	// Dependencies.
+	nc, js, err := c.Base.Connect(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer service.Drain(nc, c.ShutdownTimeout, log)
+	reg := obs.NewRegistry()
+	client := webhook.NewClient(policy, webhook.ClientOptions{
+		ConnectTimeout: c.ConnectTimeout, TLSHandshakeTimeout: c.ConnectTimeout,
+	})
+	defer client.CloseIdleConnections()
+	d, err := deliver.New(js, client, c.Deliver, log, reg)
+	if err != nil {
+		return err
+	}
+	dests, err := registry.Watch(ctx, js, log, d.OnChange)
+	if err != nil {
+		return err
+	}
+
+	// Components.
+	comps := []service.Component{{Name: "deliver", Run: func(ctx context.Context) error { return d.Run(ctx, dests) }}}
+	if metrics != nil {
+		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
+		log.Info("deliverer metrics", "addr", metrics.Addr().String())
+	}
+	log.Info("deliverer running", "destinations", len(dests.Destinations()))
+	return service.Run(ctx, comps...)
+}

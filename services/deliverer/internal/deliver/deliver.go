@@ -1,0 +1,267 @@
+// Package deliver runs the deliverer: one JetStream consumer and one lane per
+// destination, a shared worker pool scheduled fairly across lanes, signed
+// webhook POSTs, retries that never hold a worker, and parking of what cannot
+// or must not be delivered. Messages are acknowledged only after a 2xx or
+// after they are stored in PARKED (invariant 1).
+package deliver
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+)
+
+// Config tunes the deliverer.
+type Config struct {
+	// Workers is the size of the shared pool of POSTing workers.
+	Workers int
+	// Schedule tunes fairness and the adaptive per-destination in-flight cap.
+	Schedule schedule.Config
+	// Retry bounds retries of one batch before it is parked.
+	Retry retry.Policy
+	// Defaults apply to destinations that leave a limit unset.
+	Defaults batch.Limits
+	// DefaultTimeout bounds a request when the destination sets none.
+	DefaultTimeout time.Duration
+	// AckWait is the redelivery timeout of the per-destination consumers;
+	// held messages are kept alive with progress acks well within it.
+	AckWait time.Duration
+	// MaxAckPending bounds the messages one destination holds unacknowledged.
+	MaxAckPending int
+}
+
+// Deliverer is the running delivery engine.
+type Deliverer struct {
+	js      jetstream.JetStream
+	cfg     Config
+	client  *webhook.Client
+	log     *slog.Logger
+	metrics *metrics
+	sched   *schedule.Scheduler[*job]
+	reg     *registry.Registry
+
+	mu    sync.Mutex
+	lanes map[string]*lane
+	ctx   context.Context // the run context; nil until Run
+	wg    sync.WaitGroup  // lane pull loops and parking goroutines
+	// early holds registry changes seen before Run started.
+	early []registry.Change
+}
+
+// New returns a deliverer; call OnChange from the registry watch and Run.
+func New(js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Deliverer, error) {
+	if err := cfg.Retry.Validate(); err != nil {
+		return nil, err
+	}
+	if err := cfg.Defaults.Validate(); err != nil {
+		return nil, err
+	}
+	sched, err := schedule.New[*job](cfg.Schedule)
+	if err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	return &Deliverer{js: js, cfg: cfg, client: client, log: log, metrics: m, sched: sched, lanes: map[string]*lane{}}, nil
+}
+
+// OnChange is the registry callback: it creates, updates, holds, releases and
+// removes lanes as destinations and decisions change.
+func (d *Deliverer) OnChange(c registry.Change) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ctx == nil {
+		d.early = append(d.early, c)
+		return
+	}
+	d.apply(c)
+}
+
+// apply handles one change. d.mu must be held.
+func (d *Deliverer) apply(c registry.Change) {
+	l := d.lanes[c.ID]
+	switch c.Kind {
+	case registry.DestinationChanged:
+		if c.Deleted {
+			if l != nil {
+				l.setDeleted()
+			}
+			return
+		}
+		if l == nil {
+			l = newLane(d, c.Destination)
+			d.lanes[c.ID] = l
+			l.setDecision(d.reg.Decision(c.ID))
+			d.wg.Add(1)
+			go func() {
+				defer d.wg.Done()
+				l.run(d.ctx)
+				// A lane that stopped for shutdown stays listed, so Run can
+				// hand its messages back.
+				if l.isDeleted() {
+					d.mu.Lock()
+					if d.lanes[l.id] == l {
+						delete(d.lanes, l.id)
+					}
+					d.mu.Unlock()
+				}
+			}()
+			return
+		}
+		l.setDestination(c.Destination)
+	case registry.DecisionChanged:
+		if l != nil {
+			l.setDecision(c.Decision)
+		}
+	}
+}
+
+// Run delivers until ctx ends. At shutdown it stops pulling, lets in-flight
+// POSTs finish (each is bounded by its destination's timeout), and hands
+// every message it still holds back to JetStream for another replica.
+func (d *Deliverer) Run(ctx context.Context, reg *registry.Registry) error {
+	d.mu.Lock()
+	d.ctx, d.reg = ctx, reg
+	for _, dest := range reg.Destinations() {
+		d.apply(registry.Change{Kind: registry.DestinationChanged, ID: dest.GetId(), Destination: dest})
+	}
+	// Changes seen during the initial load are already in reg; later ones
+	// arrive through OnChange.
+	d.early = nil
+	d.mu.Unlock()
+
+	var workers sync.WaitGroup
+	for range d.cfg.Workers {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			d.work()
+		}()
+	}
+	go d.keepAlive(ctx)
+	go d.watchLag(ctx)
+
+	<-ctx.Done()
+	d.sched.Close()
+	workers.Wait()
+	d.wg.Wait()
+	d.mu.Lock()
+	lanes := make([]*lane, 0, len(d.lanes))
+	for _, l := range d.lanes {
+		lanes = append(lanes, l)
+	}
+	d.mu.Unlock()
+	for _, l := range lanes {
+		l.handBack()
+	}
+	return nil
+}
+
+// keepAlive sends progress acks for every message a lane holds (queued,
+// in flight or waiting to retry), so JetStream never redelivers a message
+// this replica still owns: a redelivery would mean a second, concurrent POST.
+func (d *Deliverer) keepAlive(ctx context.Context) {
+	t := time.NewTicker(d.cfg.AckWait / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			d.mu.Lock()
+			lanes := make([]*lane, 0, len(d.lanes))
+			for _, l := range d.lanes {
+				lanes = append(lanes, l)
+			}
+			d.mu.Unlock()
+			for _, l := range lanes {
+				l.touch()
+			}
+		}
+	}
+}
+
+func (d *Deliverer) watchLag(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			d.mu.Lock()
+			lanes := make([]*lane, 0, len(d.lanes))
+			for _, l := range d.lanes {
+				lanes = append(lanes, l)
+			}
+			d.mu.Unlock()
+			for _, l := range lanes {
+				ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				if info, err := l.cons.Info(ictx); err == nil {
+					d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
+				}
+				cancel()
+				if st, ok := d.sched.Stats(l.id); ok {
+					d.metrics.inflight.WithLabelValues(l.id).Set(float64(st.InFlight))
+					d.metrics.capacity.WithLabelValues(l.id).Set(float64(st.Cap))
+					d.metrics.queued.WithLabelValues(l.id).Set(float64(st.Queued))
+				}
+			}
+		}
+	}
+}
+
+// limits returns the batch limits of a destination, with defaults.
+func (d *Deliverer) limits(dest *adminv1.Destination) batch.Limits {
+	l := d.cfg.Defaults
+	if n := dest.GetMaxBatchImpressions(); n > 0 {
+		l.MaxImpressions = int(n)
+	}
+	if n := dest.GetMaxBatchBytes(); n > 0 {
+		l.MaxBytes = int(n)
+	}
+	if dest.GetLinger() != nil {
+		l.Linger = dest.GetLinger().AsDuration()
+	}
+	return l
+}
+
+func (d *Deliverer) timeout(dest *adminv1.Destination) time.Duration {
+	if t := dest.GetTimeout().AsDuration(); t > 0 {
+		return t
+	}
+	return d.cfg.DefaultTimeout
+}
+
+// secrets returns the destination's signing keys: the current one, and the
+// previous one while a rotation is in progress.
+func secrets(dest *adminv1.Destination, now time.Time) ([][]byte, error) {
+	cur, err := webhook.ParseSecret(dest.GetSecret())
+	if err != nil {
+		return nil, fmt.Errorf("destination %s secret: %w", dest.GetId(), err)
+	}
+	out := [][]byte{cur}
+	if dest.GetPreviousSecret() != "" && dest.GetPreviousSecretExpires().AsTime().After(now) {
+		if prev, err := webhook.ParseSecret(dest.GetPreviousSecret()); err == nil {
+			out = append(out, prev)
+		}
+	}
+	return out, nil
+}
+
+func jitter() float64 { return rand.Float64() }

@@ -1,0 +1,434 @@
+package deliver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+)
+
+// ConsumerPrefix names the durable consumer of a destination: deliver-<dest>.
+// Deliverer replicas share it.
+const ConsumerPrefix = "deliver-"
+
+// routed is one DELIVERY message with its decoded batch.
+type routed struct {
+	msg   jetstream.Msg
+	seq   uint64
+	batch *eventv1.Batch
+}
+
+// job is one POST: a batch of routed messages and its retry state.
+type job struct {
+	lane    *lane
+	batch   batch.Batch[routed]
+	body    []byte
+	attempt int
+	first   time.Time
+}
+
+// lane is one destination: its consumer, its batch builder and every message
+// it owns until acknowledged.
+type lane struct {
+	d      *Deliverer
+	id     string
+	tenant string
+	cons   jetstream.Consumer
+
+	mu      sync.Mutex
+	dest    *adminv1.Destination
+	secrets [][]byte
+	hold    string // park reason while the destination must not receive traffic
+	state   eventv1.State
+	deleted bool
+	owned   map[uint64]jetstream.Msg // by stream sequence
+	wake    chan struct{}
+}
+
+func newLane(d *Deliverer, dest *adminv1.Destination) *lane {
+	l := &lane{d: d, id: dest.GetId(), tenant: dest.GetTenantId(), owned: map[uint64]jetstream.Msg{}, wake: make(chan struct{}, 1)}
+	l.setDestination(dest)
+	return l
+}
+
+func (l *lane) setDestination(dest *adminv1.Destination) {
+	s, err := secrets(dest, time.Now())
+	l.mu.Lock()
+	l.dest = dest
+	l.deleted = false // re-created under the same id
+	if err != nil {
+		l.d.log.Error("destination unusable", "destination", l.id, "err", err)
+		s = nil
+	}
+	l.secrets = s
+	l.mu.Unlock()
+	l.update()
+}
+
+func (l *lane) setDecision(dec *eventv1.Decision) {
+	l.mu.Lock()
+	l.state = dec.GetState()
+	l.mu.Unlock()
+	l.update()
+}
+
+func (l *lane) setDeleted() {
+	l.mu.Lock()
+	l.deleted = true
+	l.mu.Unlock()
+	l.update()
+}
+
+// update recomputes whether the lane holds its traffic. When it starts to,
+// queued batches are taken back from the scheduler and parked at once, so a
+// quarantined destination frees every slot it held but those in flight.
+func (l *lane) update() {
+	l.mu.Lock()
+	was := l.hold
+	switch {
+	case l.deleted:
+		l.hold = "destination deleted"
+	case !l.dest.GetEnabled():
+		l.hold = "destination disabled"
+	case l.state == eventv1.State_STATE_PAUSED:
+		l.hold = "paused"
+	case registry.Held(l.state):
+		l.hold = "quarantined"
+	case l.secrets == nil:
+		l.hold = "destination has no usable secret"
+	default:
+		l.hold = ""
+	}
+	now := l.hold
+	l.mu.Unlock()
+	if now != "" && was == "" {
+		jobs := l.d.sched.Drain(l.id)
+		if len(jobs) > 0 {
+			l.d.wg.Add(1)
+			go func() {
+				defer l.d.wg.Done()
+				for _, j := range jobs {
+					l.park(j, now)
+				}
+			}()
+		}
+	}
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (l *lane) holding() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.hold
+}
+
+// request returns what a POST needs from the destination's current settings.
+func (l *lane) request() (*adminv1.Destination, [][]byte) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.dest, l.secrets
+}
+
+// run pulls the destination's messages into batches until ctx ends or the
+// destination is deleted and its backlog parked.
+func (l *lane) run(ctx context.Context) {
+	if !l.ensureConsumer(ctx) {
+		return
+	}
+	it, err := l.cons.Messages(jetstream.PullMaxMessages(64))
+	if err != nil {
+		l.d.log.Error("consume", "destination", l.id, "err", err)
+		return
+	}
+	defer it.Stop()
+	dest, _ := l.request()
+	b, err := batch.NewBuilder[routed](l.d.limits(dest))
+	if err != nil {
+		l.d.log.Error("batch limits", "destination", l.id, "err", err)
+		return
+	}
+	draining := false
+	for {
+		if ctx.Err() != nil && !draining {
+			// Hand over what is buffered so handBack can return it at once.
+			it.Drain()
+			draining = true
+		}
+		wait := time.Second
+		if dl, ok := b.Deadline(); ok {
+			wait = max(time.Until(dl), time.Millisecond)
+		}
+		m, err := it.Next(jetstream.NextMaxWait(wait))
+		switch {
+		case errors.Is(err, jetstream.ErrMsgIteratorClosed):
+			return
+		case errors.Is(err, nats.ErrTimeout):
+		case err != nil:
+			l.d.log.Warn("next", "destination", l.id, "err", err)
+		default:
+			if r, ok := l.accept(m); ok && !draining {
+				l.add(ctx, b, r)
+			}
+		}
+		if draining {
+			continue
+		}
+		if reason := l.holding(); reason != "" {
+			// Whatever was waiting for company goes to PARKED now.
+			if b.Len() > 0 {
+				l.park(&job{lane: l, batch: b.Take()}, reason)
+			}
+			if l.isDeleted() && l.backlogEmpty(ctx) {
+				l.remove(ctx)
+				return
+			}
+			continue
+		}
+		if b.Due(time.Now()) {
+			l.push(ctx, b.Take())
+		}
+	}
+}
+
+// accept records a message as owned, or skips a redelivery of one already
+// owned (a progress ack was late): that one is still being worked on.
+func (l *lane) accept(m jetstream.Msg) (routed, bool) {
+	md, err := m.Metadata()
+	if err != nil {
+		l.d.log.Error("message without metadata", "destination", l.id, "err", err)
+		return routed{}, false
+	}
+	seq := md.Sequence.Stream
+	l.mu.Lock()
+	_, dup := l.owned[seq]
+	if !dup {
+		l.owned[seq] = m
+	}
+	l.mu.Unlock()
+	if dup {
+		return routed{}, false
+	}
+	var bt eventv1.Batch
+	if err := proto.Unmarshal(m.Data(), &bt); err != nil {
+		// The router only publishes valid batches: this is corruption.
+		l.d.log.Error("undecodable batch terminated", "destination", l.id, "seq", seq, "err", err)
+		l.release(seq)
+		_ = m.Term()
+		return routed{}, false
+	}
+	return routed{msg: m, seq: seq, batch: &bt}, true
+}
+
+func (l *lane) add(ctx context.Context, b *batch.Builder[routed], r routed) {
+	if reason := l.holding(); reason != "" {
+		l.park(&job{lane: l, batch: batch.Batch[routed]{Items: []batch.Item[routed]{item(r)}}}, reason)
+		return
+	}
+	it := item(r)
+	if !b.Fits(it) {
+		l.push(ctx, b.Take())
+	}
+	if err := b.Add(it, time.Now()); err != nil {
+		l.d.log.Error("batch add", "destination", l.id, "err", err)
+	}
+	if b.Full() {
+		l.push(ctx, b.Take())
+	}
+}
+
+func item(r routed) batch.Item[routed] {
+	id := r.msg.Headers().Get(jetstream.MsgIDHeader)
+	if id == "" {
+		id = "seq-" + strconv.FormatUint(r.seq, 10)
+	}
+	// The body share is estimated from the protobuf size: close enough to
+	// the JSON size to keep POSTs within the limit's order of magnitude.
+	return batch.Item[routed]{ID: id, Impressions: len(r.batch.GetImpressions()), Bytes: len(r.msg.Data()) * 2, Value: r}
+}
+
+// push hands a batch to the scheduler, waiting while the lane is full: that
+// wait is the backpressure that leaves a slow destination's backlog in
+// JetStream instead of in memory.
+func (l *lane) push(ctx context.Context, b batch.Batch[routed]) {
+	j := &job{lane: l, batch: b, first: time.Now()}
+	for {
+		err := l.d.sched.Push(l.id, l.tenant, j, max(b.Impressions, 1))
+		switch {
+		case err == nil:
+			return
+		case errors.Is(err, schedule.ErrLaneFull):
+			if reason := l.holding(); reason != "" {
+				l.park(j, reason)
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return // handBack returns the messages
+			case <-l.wake:
+			case <-time.After(20 * time.Millisecond):
+			}
+		default:
+			return // closed: handBack returns the messages
+		}
+	}
+}
+
+// park stores every message of j in PARKED with reason, then acknowledges it.
+// A message that cannot be parked (PARKED full, NATS away) is handed back
+// with a delay and parked again later; it is never dropped.
+func (l *lane) park(j *job, reason string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, it := range j.batch.Items {
+		r := it.Value
+		if r.batch.GetDestinationId() == "" {
+			r.batch.DestinationId = l.id
+		}
+		if err := parked.Park(ctx, l.d.js, r.batch, reason, int32(j.attempt), it.ID); err != nil {
+			l.d.log.Error("park failed; message handed back", "destination", l.id, "err", err)
+			l.d.metrics.parkFailed.Inc()
+			l.release(r.seq)
+			_ = r.msg.NakWithDelay(5 * time.Second)
+			continue
+		}
+		l.d.metrics.parked.WithLabelValues(l.id, reasonClass(reason)).Add(float64(len(r.batch.GetImpressions())))
+		l.ack(r)
+	}
+}
+
+func (l *lane) ack(r routed) {
+	if err := r.msg.Ack(); err != nil {
+		l.d.log.Warn("ack", "destination", l.id, "err", err)
+	}
+	l.release(r.seq)
+}
+
+func (l *lane) release(seq uint64) {
+	l.mu.Lock()
+	delete(l.owned, seq)
+	l.mu.Unlock()
+}
+
+// touch extends the ack deadline of every owned message.
+func (l *lane) touch() {
+	l.mu.Lock()
+	msgs := make([]jetstream.Msg, 0, len(l.owned))
+	for _, m := range l.owned {
+		msgs = append(msgs, m)
+	}
+	l.mu.Unlock()
+	for _, m := range msgs {
+		_ = m.InProgress()
+	}
+}
+
+// handBack returns every owned message to JetStream at shutdown, so another
+// replica delivers it without waiting for the ack deadline.
+func (l *lane) handBack() {
+	l.mu.Lock()
+	msgs := l.owned
+	l.owned = map[uint64]jetstream.Msg{}
+	l.mu.Unlock()
+	for _, m := range msgs {
+		_ = m.Nak()
+	}
+}
+
+func (l *lane) isDeleted() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.deleted
+}
+
+// ensureConsumer creates the destination's durable consumer, retrying until
+// it exists or ctx ends.
+func (l *lane) ensureConsumer(ctx context.Context) bool {
+	subj, err := subject.Deliver(l.id)
+	if err != nil {
+		l.d.log.Error("destination id", "err", err)
+		return false
+	}
+	for attempt := 0; ; attempt++ {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		l.cons, err = l.d.js.CreateOrUpdateConsumer(cctx, subject.StreamDelivery, jetstream.ConsumerConfig{
+			Durable:       ConsumerPrefix + l.id,
+			Description:   "deliverers of destination " + l.id,
+			FilterSubject: subj,
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       l.d.cfg.AckWait,
+			MaxAckPending: l.d.cfg.MaxAckPending,
+			MaxDeliver:    -1, // parking, not JetStream, ends a batch's attempts
+		})
+		cancel()
+		if err == nil {
+			return true
+		}
+		l.d.log.Error("create consumer", "destination", l.id, "err", err)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(min(time.Second<<min(attempt, 5), 30*time.Second)):
+		}
+	}
+}
+
+// backlogEmpty reports whether a deleted destination has nothing left in
+// DELIVERY and nothing owned.
+func (l *lane) backlogEmpty(ctx context.Context) bool {
+	l.mu.Lock()
+	owned := len(l.owned)
+	l.mu.Unlock()
+	if owned > 0 {
+		return false
+	}
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	info, err := l.cons.Info(ictx)
+	return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+}
+
+// remove deletes the consumer of a deleted destination and its lane.
+func (l *lane) remove(ctx context.Context) {
+	for _, j := range l.d.sched.Remove(l.id) {
+		l.park(j, "destination deleted")
+	}
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := l.d.js.DeleteConsumer(dctx, subject.StreamDelivery, ConsumerPrefix+l.id); err != nil {
+		l.d.log.Warn("delete consumer", "destination", l.id, "err", err)
+	}
+	l.d.log.Info("destination removed", "destination", l.id)
+}
+
+// reasonClass keeps the metric's label set small.
+func reasonClass(reason string) string {
+	switch reason {
+	case "quarantined", "paused", "destination disabled", "destination deleted":
+		return reason
+	}
+	if len(reason) > 5 && reason[:5] == "HTTP " {
+		return "rejected"
+	}
+	return "retries exhausted"
+}
+
+func describe(attempts int, err error) string {
+	return fmt.Sprintf("retries exhausted after %d attempts: %v", attempts, err)
+}

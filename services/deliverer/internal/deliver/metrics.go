@@ -1,0 +1,81 @@
+package deliver
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+)
+
+type metrics struct {
+	attempts      *prometheus.CounterVec
+	latency       *prometheus.HistogramVec
+	delivered     *prometheus.CounterVec
+	parked        *prometheus.CounterVec
+	retries       *prometheus.CounterVec
+	pending       *prometheus.GaugeVec
+	inflight      *prometheus.GaugeVec
+	capacity      *prometheus.GaugeVec
+	queued        *prometheus.GaugeVec
+	inflightTotal prometheus.Gauge
+	parkFailed    prometheus.Counter
+	outcomeLost   prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	dest := []string{"destination"}
+	m := &metrics{
+		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_attempts_total", Help: "POST attempts, by destination and result (ok or an error class).",
+		}, []string{"destination", "result"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "bulkhead_deliverer_attempt_seconds", Help: "POST attempt latency, by destination.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, dest),
+		delivered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_impressions_delivered_total", Help: "Impressions delivered (2xx), by destination.",
+		}, dest),
+		parked: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_impressions_parked_total", Help: "Impressions moved to PARKED, by destination and reason.",
+		}, []string{"destination", "reason"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_retries_total", Help: "Batches scheduled for another attempt, by destination.",
+		}, dest),
+		pending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_pending", Help: "Batches waiting in DELIVERY not yet pulled (lag), by destination.",
+		}, dest),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_inflight", Help: "POSTs in flight, by destination.",
+		}, dest),
+		capacity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_inflight_cap", Help: "Adaptive in-flight cap, by destination.",
+		}, dest),
+		queued: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_queued", Help: "Batches ready and waiting for a worker, by destination.",
+		}, dest),
+		inflightTotal: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_workers_busy", Help: "Workers currently POSTing.",
+		}),
+		parkFailed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_park_failures_total", Help: "Messages that could not be parked and were handed back (alarm).",
+		}),
+		outcomeLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_outcomes_unpublished_total", Help: "Outcomes the monitor will not see.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.attempts, m.latency, m.delivered, m.parked, m.retries, m.pending,
+		m.inflight, m.capacity, m.queued, m.inflightTotal, m.parkFailed, m.outcomeLost} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) observe(dest string, res webhook.Result) {
+	result := "ok"
+	if !res.OK() {
+		result = res.Class.String()
+	}
+	m.attempts.WithLabelValues(dest, result).Inc()
+	m.latency.WithLabelValues(dest).Observe(res.Latency.Seconds())
+}

@@ -1,0 +1,162 @@
+package deliver
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+)
+
+// work is one worker of the shared pool: it takes the next batch the
+// scheduler picks, POSTs it once, and settles it. It never waits for a retry.
+func (d *Deliverer) work() {
+	for {
+		t, err := d.sched.Next(context.Background())
+		if err != nil {
+			return // closed
+		}
+		j := t.Item
+		l := j.lane
+		if reason := l.holding(); reason != "" {
+			l.park(j, reason)
+			d.sched.Done(t, schedule.Neutral)
+			continue
+		}
+		d.sched.Done(t, d.attempt(j))
+	}
+}
+
+// attempt POSTs j once and settles it: acknowledged on success, parked when
+// retrying cannot help or retries are exhausted, otherwise scheduled to be
+// pushed again after a backoff, with no worker held while it waits.
+func (d *Deliverer) attempt(j *job) schedule.Result {
+	l := j.lane
+	dest, keys := l.request()
+	if j.body == nil {
+		imps := make([]*ingestv1.Impression, 0, j.batch.Impressions)
+		for _, it := range j.batch.Items {
+			imps = append(imps, it.Value.batch.GetImpressions()...)
+		}
+		body, err := webhook.EncodeBody(imps)
+		if err != nil {
+			l.park(j, "unencodable batch: "+err.Error())
+			return schedule.Neutral
+		}
+		j.body = body
+	}
+	j.attempt++
+	timeout := d.timeout(dest)
+	d.metrics.inflightTotal.Inc()
+	res := d.client.Send(context.Background(), webhook.Request{
+		URL: dest.GetUrl(), ID: j.batch.ID, Body: j.body, Gzip: dest.GetGzip(),
+		Secrets: keys, Timeout: timeout, SuccessCodes: dest.GetSuccessCodes(),
+	})
+	d.metrics.inflightTotal.Dec()
+	d.outcome(l, j, res, timeout)
+	d.metrics.observe(l.id, res)
+
+	switch {
+	case res.OK():
+		for _, it := range j.batch.Items {
+			l.ack(it.Value)
+		}
+		d.metrics.delivered.WithLabelValues(l.id).Add(float64(j.batch.Impressions))
+		return schedule.OK
+	case res.Gone:
+		l.park(j, fmt.Sprintf("HTTP %d: destination gone; disabled", res.Status))
+		d.disable(dest, "410 Gone")
+		return schedule.Neutral
+	case res.Permanent():
+		l.park(j, fmt.Sprintf("HTTP %d: %v", res.Status, res.Err))
+		return schedule.Neutral
+	}
+	delay := d.cfg.Retry.Delay(j.attempt, res.RetryAfter, jitter)
+	if d.cfg.Retry.Exhausted(j.attempt, j.first, time.Now().Add(delay)) {
+		l.park(j, describe(j.attempt, res.Err))
+		return schedule.Failure
+	}
+	d.metrics.retries.WithLabelValues(l.id).Inc()
+	time.AfterFunc(delay, func() { d.requeue(j) })
+	return schedule.Failure
+}
+
+// requeue pushes a batch back after its backoff. While the lane is full it
+// tries again shortly; when the lane holds traffic the batch is parked.
+func (d *Deliverer) requeue(j *job) {
+	l := j.lane
+	if reason := l.holding(); reason != "" {
+		l.park(j, reason)
+		return
+	}
+	err := d.sched.Push(l.id, l.tenant, j, max(j.batch.Impressions, 1))
+	if err == schedule.ErrLaneFull {
+		time.AfterFunc(50*time.Millisecond, func() { d.requeue(j) })
+	}
+	// ErrClosed: shutting down; handBack returns the messages.
+}
+
+// outcome publishes the attempt on imp.outcome.<dest> for the health monitor.
+// It does not wait: outcomes are a signal, and delivery must not stall on it.
+func (d *Deliverer) outcome(l *lane, j *job, res webhook.Result, timeout time.Duration) {
+	subj, err := subject.Outcome(l.id)
+	if err != nil {
+		return
+	}
+	o := &eventv1.Outcome{
+		DestinationId: l.id, TenantId: l.tenant, WebhookId: j.batch.ID, At: timestamppb.Now(),
+		StatusCode: int32(res.Status), ErrorClass: res.Class,
+		LatencyMs: float64(res.Latency.Microseconds()) / 1000, TimeoutMs: float64(timeout.Milliseconds()),
+		Impressions: int32(j.batch.Impressions), Attempt: int32(j.attempt), RetryAfterMs: res.RetryAfter.Milliseconds(),
+	}
+	if res.Err != nil {
+		o.Error = res.Err.Error()
+	}
+	data, err := proto.Marshal(o)
+	if err != nil {
+		return
+	}
+	if _, err := d.js.PublishAsync(subj, data); err != nil {
+		d.metrics.outcomeLost.Inc()
+	}
+}
+
+// disable turns a destination off after a 410 Gone. Its traffic is parked
+// from then on until an operator enables it again.
+func (d *Deliverer) disable(dest *adminv1.Destination, reason string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	kv, err := d.js.KeyValue(ctx, subject.BucketDestinations)
+	if err != nil {
+		d.log.Error("disable destination", "destination", dest.GetId(), "err", err)
+		return
+	}
+	e, err := kv.Get(ctx, dest.GetId())
+	if err != nil {
+		d.log.Error("disable destination", "destination", dest.GetId(), "err", err)
+		return
+	}
+	var cur adminv1.Destination
+	if err := registry.Decode(e.Value(), &cur); err != nil || !cur.GetEnabled() {
+		return
+	}
+	cur.Enabled, cur.DisabledReason, cur.Updated = false, reason, timestamppb.Now()
+	b, err := registry.Encode(&cur)
+	if err != nil {
+		return
+	}
+	if _, err := kv.Update(ctx, dest.GetId(), b, e.Revision()); err != nil {
+		d.log.Warn("disable destination", "destination", dest.GetId(), "err", err)
+		return
+	}
+	d.log.Warn("destination disabled", "destination", dest.GetId(), "reason", reason)
+}

@@ -1,0 +1,436 @@
+// Package schedule shares one pool of delivery workers fairly across
+// destinations and tenants, and caps how many workers any one destination may
+// hold, so that a failing destination never slows a healthy one.
+//
+// Each destination is a lane: a FIFO of ready batches and an adaptive
+// in-flight cap (AIMD). A worker asks Next for work; the scheduler picks a
+// tenant, then a lane of that tenant, each by deficit round robin weighted by
+// impressions, among the lanes that have a batch queued and a free slot. A
+// black-holed destination therefore holds at most its cap of workers (it
+// shrinks to MinCap as its requests time out), and a destination with a deep
+// backlog gets its share of impressions per round, no more, however short the
+// queue of the others.
+//
+// Two levels instead of one DRR over lanes because tenants own very different
+// numbers of destinations: with a single level, a tenant with 500 destinations
+// would get 500 times the capacity of a tenant with one.
+package schedule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// ErrClosed is returned by Push and Next once the scheduler is closed.
+var ErrClosed = errors.New("scheduler closed")
+
+// ErrLaneFull is returned by Push when the lane already holds Config.MaxQueued
+// items: the caller should stop taking messages for that destination until
+// the lane drains (backpressure to the consumer).
+var ErrLaneFull = errors.New("lane full")
+
+// ErrTenantMismatch is returned by Push for an existing lane with a different
+// tenant.
+var ErrTenantMismatch = errors.New("lane belongs to another tenant")
+
+// ErrInvalidConfig is wrapped by Config.Validate and New for a config that
+// cannot be used.
+var ErrInvalidConfig = errors.New("invalid scheduler config")
+
+// Config tunes a Scheduler. Zero fields take the value of DefaultConfig.
+type Config struct {
+	// Quantum is the impressions credited per round to each tenant, and to
+	// each lane within its tenant. Set it near the size of a typical batch:
+	// smaller is finer-grained, larger makes fewer passes per pick.
+	Quantum int
+	// MaxQueued is the most items a lane holds queued (not counting in-flight
+	// ones) before Push returns ErrLaneFull.
+	MaxQueued int
+	// MinCap, InitialCap and MaxCap bound a lane's in-flight cap and set the
+	// cap of a new lane.
+	MinCap, InitialCap, MaxCap int
+}
+
+// DefaultConfig returns the scheduler's defaults: quantum 500 impressions, 64
+// queued items per lane, in-flight cap starting at 2 within [1, 8].
+func DefaultConfig() Config {
+	return Config{Quantum: 500, MaxQueued: 64, MinCap: 1, InitialCap: 2, MaxCap: 8}
+}
+
+// withDefaults returns c with its zero fields set from DefaultConfig.
+func (c Config) withDefaults() Config {
+	d := DefaultConfig()
+	for _, f := range []struct{ v, def *int }{
+		{&c.Quantum, &d.Quantum}, {&c.MaxQueued, &d.MaxQueued},
+		{&c.MinCap, &d.MinCap}, {&c.InitialCap, &d.InitialCap}, {&c.MaxCap, &d.MaxCap},
+	} {
+		if *f.v == 0 {
+			*f.v = *f.def
+		}
+	}
+	return c
+}
+
+// Validate returns an error wrapping ErrInvalidConfig when c, with its zero
+// fields defaulted, cannot be used.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	var problem string
+	switch {
+	case c.Quantum < 1:
+		problem = fmt.Sprintf("quantum %d must be at least 1", c.Quantum)
+	case c.MaxQueued < 1:
+		problem = fmt.Sprintf("max queued %d must be at least 1", c.MaxQueued)
+	case c.MinCap < 1:
+		problem = fmt.Sprintf("min cap %d must be at least 1", c.MinCap)
+	case c.MaxCap < c.MinCap:
+		problem = fmt.Sprintf("max cap %d must be at least min cap %d", c.MaxCap, c.MinCap)
+	case c.InitialCap < c.MinCap || c.InitialCap > c.MaxCap:
+		problem = fmt.Sprintf("initial cap %d must be in [%d, %d]", c.InitialCap, c.MinCap, c.MaxCap)
+	default:
+		return nil
+	}
+	return fmt.Errorf("validate: %s: %w", problem, ErrInvalidConfig)
+}
+
+// maxQuanta bounds the cost charged for one item, in quanta, so that a pick
+// skips at most that many rounds of the lanes in debt; an item costing more is
+// charged maxQuanta quanta.
+const maxQuanta = 64
+
+// Result is the outcome of a dispatched item, reported to Done. It adapts the
+// lane's in-flight cap.
+type Result int
+
+const (
+	// Neutral leaves the cap alone: the attempt says nothing about the
+	// destination's capacity (a permanent 4xx, a batch that was cancelled).
+	// It is the zero Result.
+	Neutral Result = iota
+	// OK counts towards growing the cap: the destination answered 2xx.
+	OK
+	// Failure halves the cap: the destination is unreachable or overloaded (a
+	// timeout, a connection error, a 5xx, a 429).
+	Failure
+)
+
+// Ticket is an item handed to a worker by Next. Pass it back to Done exactly
+// once.
+type Ticket[T any] struct {
+	// Lane and Tenant identify the lane the item came from.
+	Lane, Tenant string
+	// Item is the item as pushed.
+	Item T
+	// Cost is the cost as pushed.
+	Cost int
+
+	lane *lane[T]
+}
+
+// Stats is a snapshot of one lane.
+type Stats struct {
+	// Queued is the number of items waiting in the lane.
+	Queued int
+	// InFlight is the number of tickets of the lane not yet Done.
+	InFlight int
+	// Cap is the lane's current in-flight cap.
+	Cap int
+}
+
+// entry is a queued item.
+type entry[T any] struct {
+	item T
+	cost int
+}
+
+// lane is one destination's queue and in-flight accounting. It is linked in
+// its tenant's ring exactly when it is ready: it has a queued item and a free
+// slot.
+type lane[T any] struct {
+	id       string
+	tenant   *tenant[T]
+	queue    fifo[entry[T]]
+	inflight int
+	cap      int
+	// streak counts successes since the cap last changed.
+	streak  int
+	removed bool
+	link    link[*lane[T]]
+}
+
+func (l *lane[T]) links() *link[*lane[T]] { return &l.link }
+
+func (l *lane[T]) ready() bool {
+	return !l.removed && l.queue.len() > 0 && l.inflight < l.cap
+}
+
+// tenant groups the lanes of one tenant. It is linked in the scheduler's ring
+// exactly when one of its lanes is ready.
+type tenant[T any] struct {
+	id    string
+	lanes ring[*lane[T]] // ready lanes
+	count int            // all lanes
+	link  link[*tenant[T]]
+}
+
+func (t *tenant[T]) links() *link[*tenant[T]] { return &t.link }
+
+// Scheduler hands the items of many lanes to a pool of workers, fairly and
+// within each lane's in-flight cap. It is safe for concurrent use. Every
+// operation is O(1) amortised, whatever the number of lanes, apart from Drain
+// and Remove, which are linear in the items they return.
+type Scheduler[T any] struct {
+	cfg Config
+
+	mu      sync.Mutex
+	cond    sync.Cond // signalled, with mu held, when an item may have become ready, and on Close
+	lanes   map[string]*lane[T]
+	tenants map[string]*tenant[T]
+	active  ring[*tenant[T]] // tenants with a ready lane
+	waiting int              // Next calls blocked in cond.Wait
+	closed  bool
+}
+
+// New returns a scheduler, or an error wrapping ErrInvalidConfig.
+func New[T any](cfg Config) (*Scheduler[T], error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("new scheduler: %w", err)
+	}
+	s := &Scheduler[T]{
+		cfg:     cfg.withDefaults(),
+		lanes:   make(map[string]*lane[T]),
+		tenants: make(map[string]*tenant[T]),
+	}
+	s.cond.L = &s.mu
+	return s, nil
+}
+
+// Push queues item at the back of lane, creating the lane (for tenant) if
+// needed. cost is the item's weight for fairness, its number of impressions;
+// values below 1 count as 1. It returns ErrLaneFull when the lane already
+// holds MaxQueued items, ErrTenantMismatch when the lane exists for another
+// tenant, and ErrClosed after Close; the item is not queued then.
+func (s *Scheduler[T]) Push(lane, tenant string, item T, cost int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	l := s.lanes[lane]
+	switch {
+	case l == nil:
+		l = s.newLane(lane, tenant)
+	case l.tenant.id != tenant:
+		return fmt.Errorf("push %s for tenant %s: %w", lane, tenant, ErrTenantMismatch)
+	case l.queue.len() >= s.cfg.MaxQueued:
+		return ErrLaneFull
+	}
+	l.queue.push(entry[T]{item: item, cost: max(cost, 1)})
+	if s.update(l) {
+		s.cond.Signal()
+	}
+	return nil
+}
+
+// Lock must be held.
+func (s *Scheduler[T]) newLane(id, tenantID string) *lane[T] {
+	t := s.tenants[tenantID]
+	if t == nil {
+		t = &tenant[T]{id: tenantID}
+		s.tenants[tenantID] = t
+	}
+	t.count++
+	l := &lane[T]{id: id, tenant: t, cap: s.cfg.InitialCap}
+	s.lanes[id] = l
+	return l
+}
+
+// update links or unlinks l, and its tenant, to match whether l is ready, and
+// reports whether it is. Lock must be held.
+func (s *Scheduler[T]) update(l *lane[T]) bool {
+	t := l.tenant
+	ready := l.ready()
+	switch {
+	case ready && !l.link.linked:
+		t.lanes.push(l)
+		if !t.link.linked {
+			s.active.push(t)
+		}
+	case !ready && l.link.linked:
+		t.lanes.remove(l)
+		if t.lanes.n == 0 {
+			s.active.remove(t)
+		}
+	}
+	return ready
+}
+
+// Next blocks until an item is ready in a lane below its in-flight cap, then
+// dequeues it, counts it in flight and returns its ticket. Among the ready
+// lanes it picks a tenant, then a lane of that tenant, by deficit round robin
+// over impressions; within a lane, items come out in the order pushed. It
+// returns ErrClosed once the scheduler is closed, and the context's error when
+// ctx ends first.
+func (s *Scheduler[T]) Next(ctx context.Context) (Ticket[T], error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	registered := false
+	for {
+		if s.closed {
+			return Ticket[T]{}, ErrClosed
+		}
+		if err := ctx.Err(); err != nil {
+			// A Signal meant for this caller must not be lost: pass it on.
+			if s.active.n > 0 {
+				s.cond.Signal()
+			}
+			return Ticket[T]{}, err
+		}
+		if s.active.n > 0 {
+			t := s.pick()
+			// Wake another worker if more is ready, so that one Signal per
+			// ready item is never needed for the pool to keep up.
+			if s.active.n > 0 && s.waiting > 0 {
+				s.cond.Signal()
+			}
+			return t, nil
+		}
+		if !registered && ctx.Done() != nil {
+			registered = true
+			// Wake every waiter when ctx ends; each checks its own context.
+			// Broadcasting under the lock means a waiter either sees the
+			// error before waiting or is already waiting.
+			stop := context.AfterFunc(ctx, func() {
+				s.mu.Lock()
+				s.cond.Broadcast()
+				s.mu.Unlock()
+			})
+			defer stop()
+		}
+		s.waiting++
+		s.cond.Wait()
+		s.waiting--
+	}
+}
+
+// pick dequeues the next item by two-level DRR. A tenant must be active. Lock
+// must be held.
+func (s *Scheduler[T]) pick() Ticket[T] {
+	t := s.active.pick(s.cfg.Quantum)
+	l := t.lanes.pick(s.cfg.Quantum)
+	e := l.queue.pop()
+	l.inflight++
+
+	cost := min(e.cost, maxQuanta*s.cfg.Quantum)
+	l.link.deficit -= cost
+	t.link.deficit -= cost
+	s.update(l) // unlinks l if it is now empty or at its cap
+	t.lanes.settle(l)
+	s.active.settle(t)
+	return Ticket[T]{Lane: l.id, Tenant: t.id, Item: e.item, Cost: e.cost, lane: l}
+}
+
+// Done ends a ticket handed out by Next and adapts its lane's cap to r (AIMD):
+// OK adds one to the cap after cap consecutive OKs, up to MaxCap; Failure
+// halves it, down to MinCap. Every failure halves, not one per round trip as
+// TCP does, so that a destination that black-holes a full cap of requests
+// drops to MinCap when they time out rather than one timeout period at a time:
+// isolation matters more here than the throughput of a flaky destination.
+// Done on a ticket whose lane was removed does nothing.
+func (s *Scheduler[T]) Done(t Ticket[T], r Result) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := t.lane
+	if l == nil || l.removed || l.inflight == 0 {
+		return
+	}
+	l.inflight--
+	switch r {
+	case OK:
+		l.streak++
+		if l.streak >= l.cap {
+			l.cap = min(l.cap+1, s.cfg.MaxCap)
+			l.streak = 0
+		}
+	case Failure:
+		l.cap = max(l.cap/2, s.cfg.MinCap)
+		l.streak = 0
+	}
+	if s.update(l) {
+		s.cond.Signal()
+	}
+}
+
+// Drain removes and returns the items queued in lane, oldest first, leaving
+// its in-flight items, its cap and the lane itself in place. The deliverer
+// uses it when a destination is quarantined, to park what has not been sent.
+// It returns nil for an unknown lane.
+func (s *Scheduler[T]) Drain(lane string) []T {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.lanes[lane]
+	if l == nil {
+		return nil
+	}
+	items := s.drain(l)
+	s.update(l)
+	return items
+}
+
+// Lock must be held.
+func (s *Scheduler[T]) drain(l *lane[T]) []T {
+	if l.queue.len() == 0 {
+		return nil
+	}
+	items := make([]T, 0, l.queue.len())
+	for l.queue.len() > 0 {
+		items = append(items, l.queue.pop().item)
+	}
+	return items
+}
+
+// Remove deletes lane and returns its queued items, oldest first, so the
+// caller can park them rather than lose them. Tickets of the lane still in
+// flight stay valid for the caller, and their Done does nothing; a later Push
+// creates the lane anew with the initial cap.
+func (s *Scheduler[T]) Remove(lane string) []T {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.lanes[lane]
+	if l == nil {
+		return nil
+	}
+	items := s.drain(l)
+	l.removed = true
+	s.update(l)
+	delete(s.lanes, lane)
+	t := l.tenant
+	t.count--
+	if t.count == 0 {
+		delete(s.tenants, t.id)
+	}
+	return items
+}
+
+// Stats returns a snapshot of lane, and false when there is no such lane.
+func (s *Scheduler[T]) Stats(lane string) (Stats, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.lanes[lane]
+	if l == nil {
+		return Stats{}, false
+	}
+	return Stats{Queued: l.queue.len(), InFlight: l.inflight, Cap: l.cap}, true
+}
+
+// Close makes Push and Next return ErrClosed and wakes every blocked Next.
+// Queued items stay until drained or removed; Done still works. Close may be
+// called more than once.
+func (s *Scheduler[T]) Close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	s.cond.Broadcast()
+}

@@ -1,0 +1,171 @@
+// Package ingest wires the ingest service: configuration, NATS, the gRPC
+// IngestService and metrics. main and the dev stack both start it through Run.
+package ingest
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/pkg/conf"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
+	"github.com/bulkhead-io/bulkhead/pkg/obs"
+	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
+	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
+)
+
+// EnvPrefix prefixes the environment variables of this service.
+const EnvPrefix = "BULKHEAD_INGEST"
+
+// Config is the ingest service's configuration.
+type Config struct {
+	service.Base
+	// GRPCAddr serves IngestService.
+	GRPCAddr string
+	// APIKeys are "key=tenant" pairs.
+	APIKeys conf.StringList
+	// MaxBatchBytes bounds one serialized batch.
+	MaxBatchBytes int
+	// TenantRate is impressions/s per tenant (0: unlimited).
+	TenantRate float64
+	// TenantBurst is the most impressions a tenant may submit at once.
+	TenantBurst int
+	// PublishTimeout bounds the wait for JetStream to store a batch.
+	PublishTimeout time.Duration
+}
+
+// Flags registers the configuration's flags on fs and returns it with defaults.
+func Flags(fs *flag.FlagSet) *Config {
+	c := &Config{}
+	c.Base.RegisterFlags(fs, "ingest", "127.0.0.1:7410")
+	fs.StringVar(&c.GRPCAddr, "grpc-addr", "127.0.0.1:7400", "address of the IngestService")
+	fs.Var(&c.APIKeys, "api-keys", "comma-separated key=tenant pairs")
+	fs.IntVar(&c.MaxBatchBytes, "max-batch-bytes", 1<<20, "largest serialized batch accepted")
+	fs.Float64Var(&c.TenantRate, "tenant-rate", 200000, "impressions per second per tenant (0: unlimited)")
+	fs.IntVar(&c.TenantBurst, "tenant-burst", 400000, "impressions a tenant may submit at once")
+	fs.DurationVar(&c.PublishTimeout, "publish-timeout", 5*time.Second, "bound on waiting for JetStream to store a batch")
+	return c
+}
+
+// ParseConfig reads flags and BULKHEAD_INGEST_* variables.
+func ParseConfig(args []string) (*Config, error) {
+	fs := flag.NewFlagSet("ingest", flag.ContinueOnError)
+	c := Flags(fs)
+	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
+		return nil, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	if err := c.Base.Validate(); err != nil {
+		return err
+	}
+	if len(c.APIKeys) == 0 {
+		return errors.New("api-keys: at least one key=tenant pair is required")
+	}
+	if _, err := keys.Parse(c.APIKeys); err != nil {
+		return err
+	}
+	if c.MaxBatchBytes < 1024 || c.MaxBatchBytes > 16<<20 {
+		return fmt.Errorf("max-batch-bytes %d: want 1 KiB to 16 MiB", c.MaxBatchBytes)
+	}
+	if c.TenantRate < 0 || (c.TenantRate > 0 && c.TenantBurst < 1000) {
+		return errors.New("tenant-rate must be ≥ 0 and tenant-burst ≥ 1000 (one full batch)")
+	}
+	if c.PublishTimeout <= 0 {
+		return errors.New("publish-timeout must be positive")
+	}
+	return nil
+}
+
+// LogValue logs the configuration with API keys masked.
+func (c *Config) LogValue() slog.Value {
+	masked := make([]string, len(c.APIKeys))
+	for i, p := range c.APIKeys {
+		k, t, _ := strings.Cut(p, "=")
+		masked[i] = conf.Mask(k) + "=" + t
+	}
+	return slog.GroupValue(slog.Any("base", c.Base), slog.String("grpc_addr", c.GRPCAddr),
+		slog.Any("api_keys", masked), slog.Int("max_batch_bytes", c.MaxBatchBytes),
+		slog.Float64("tenant_rate", c.TenantRate), slog.Int("tenant_burst", c.TenantBurst))
+}
+
+// Listeners are where the service serves; tests pass :0 listeners.
+type Listeners struct {
+	GRPC    net.Listener
+	Metrics net.Listener // nil: no metrics server
+}
+
+// Main opens the configured listeners and runs the service until ctx ends.
+func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+	g, err := service.Listen(c.GRPCAddr)
+	if err != nil {
+		return err
+	}
+	m, err := service.Listen(c.MetricsAddr)
+	if err != nil {
+		_ = g.Close()
+		return err
+	}
+	return Run(ctx, c, log, Listeners{GRPC: g, Metrics: m})
+}
+
+// Run runs the service on the given listeners until ctx ends, then stops
+// accepting calls, finishes those in flight and drains NATS.
+func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error {
+	log.Info("starting ingest", "config", c)
+	ks, err := keys.Parse(c.APIKeys)
+	if err != nil {
+		return err
+	}
+
+	// Dependencies.
+	nc, js, err := c.Base.Connect(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer service.Drain(nc, c.ShutdownTimeout, log)
+	reg := obs.NewRegistry()
+
+	// Servers.
+	srv, err := api.New(js, ks, api.Limits{
+		MaxBatchBytes:  c.MaxBatchBytes,
+		TenantRate:     c.TenantRate,
+		TenantBurst:    c.TenantBurst,
+		PublishTimeout: c.PublishTimeout,
+	}, log, reg)
+	if err != nil {
+		return err
+	}
+	gs, err := grpcserver.New(grpcserver.Options{
+		Log: log, Registry: reg, Auth: srv.Authenticate,
+		// Room for a full batch plus envelope; the batch limit itself is
+		// enforced with a clear InvalidArgument by the handler.
+		MaxRecvMsgSize: c.MaxBatchBytes + 64<<10,
+	})
+	if err != nil {
+		return err
+	}
+	ingestv1.RegisterIngestServiceServer(gs.Server, srv)
+	gs.Ready()
+
+	comps := []service.Component{service.GRPC(gs, lis.GRPC, c.ShutdownTimeout)}
+	if lis.Metrics != nil {
+		comps = append(comps, service.Metrics(obs.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
+		log.Info("ingest metrics", "addr", lis.Metrics.Addr().String())
+	}
+	log.Info("ingest serving", "grpc", lis.GRPC.Addr().String(), "tenants", ks.Tenants())
+
+	// Shutdown: Run returns once every component has finished; the deferred
+	// drain then flushes NATS.
+	return service.Run(ctx, comps...)
+}

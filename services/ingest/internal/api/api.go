@@ -1,0 +1,306 @@
+// Package api serves bulkhead.ingest.v1.IngestService: it authenticates the
+// caller's API key, enforces batch and rate limits, and answers only after
+// JetStream has stored the batch.
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
+)
+
+// Limits bound what one caller may submit.
+type Limits struct {
+	// MaxBatchBytes bounds one serialized batch.
+	MaxBatchBytes int
+	// TenantRate is impressions per second per tenant (0: unlimited).
+	TenantRate float64
+	// TenantBurst is how many impressions a tenant may submit at once.
+	TenantBurst int
+	// PublishTimeout bounds the wait for JetStream's acknowledgement.
+	PublishTimeout time.Duration
+	// StreamWindow is how many batches of one SubmitStream may await
+	// JetStream's acknowledgement at once.
+	StreamWindow int
+}
+
+// Server implements ingestv1.IngestServiceServer.
+type Server struct {
+	ingestv1.UnimplementedIngestServiceServer
+	js      jetstream.JetStream
+	keys    *keys.Store
+	limits  Limits
+	log     *slog.Logger
+	metrics *metrics
+
+	mu       sync.Mutex
+	limiters map[string]*rate.Limiter
+}
+
+// New returns a server publishing with js.
+func New(js jetstream.JetStream, ks *keys.Store, limits Limits, log *slog.Logger, reg prometheus.Registerer) (*Server, error) {
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	if limits.StreamWindow <= 0 {
+		limits.StreamWindow = 256
+	}
+	return &Server{js: js, keys: ks, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
+}
+
+type tenantKey struct{}
+
+// Authenticate is the grpcserver.AuthFunc: the API key names the tenant.
+func (s *Server) Authenticate(ctx context.Context, _ string, token string) (context.Context, error) {
+	tenant, err := s.keys.Tenant(token)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, "unknown api key")
+	}
+	return context.WithValue(ctx, tenantKey{}, tenant), nil
+}
+
+func tenantFrom(ctx context.Context) (string, error) {
+	t, ok := ctx.Value(tenantKey{}).(string)
+	if !ok {
+		return "", status.Error(codes.Unauthenticated, "no tenant for this call")
+	}
+	return t, nil
+}
+
+// Submit stores one batch and answers once JetStream has it.
+func (s *Server) Submit(ctx context.Context, req *ingestv1.SubmitRequest) (*ingestv1.SubmitResponse, error) {
+	tenant, err := tenantFrom(ctx)
+	if err != nil {
+		return nil, err
+	}
+	msg, batchID, err := s.prepare(tenant, req)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, s.limits.PublishTimeout)
+	defer cancel()
+	start := time.Now()
+	ack, err := s.js.PublishMsg(pctx, msg)
+	s.metrics.publish.Observe(time.Since(start).Seconds())
+	return s.answer(tenant, batchID, len(req.GetImpressions()), ack, err)
+}
+
+// prepare checks limits and builds the JetStream message for a batch.
+func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg, string, error) {
+	n := len(req.GetImpressions())
+	if size := proto.Size(req); s.limits.MaxBatchBytes > 0 && size > s.limits.MaxBatchBytes {
+		s.metrics.refused(tenant, "too_large", n)
+		return nil, "", invalid("impressions", fmt.Sprintf("batch is %d bytes; the limit is %d", size, s.limits.MaxBatchBytes))
+	}
+	if lim := s.limiter(tenant); lim != nil {
+		if r := lim.ReserveN(time.Now(), n); !r.OK() || r.Delay() > 0 {
+			var wait time.Duration
+			if r.OK() {
+				wait = r.Delay()
+				r.Cancel()
+			} else {
+				wait = time.Second
+			}
+			s.metrics.refused(tenant, "rate_limited", n)
+			st := status.New(codes.ResourceExhausted, fmt.Sprintf("tenant %s is over its rate of %.0f impressions/s", tenant, s.limits.TenantRate))
+			st, _ = st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)})
+			return nil, "", st.Err()
+		}
+	}
+	batchID := newBatchID(tenant, req.GetIdempotencyKey())
+	subj, err := subject.In(tenant)
+	if err != nil {
+		return nil, "", status.Error(codes.Internal, "internal error")
+	}
+	data, err := proto.Marshal(&eventv1.Batch{
+		BatchId:     batchID,
+		TenantId:    tenant,
+		AcceptedAt:  timestamppb.Now(),
+		Impressions: req.GetImpressions(),
+	})
+	if err != nil {
+		return nil, "", status.Error(codes.Internal, "internal error")
+	}
+	m := nats.NewMsg(subj)
+	m.Data = data
+	// JetStream de-duplicates on the message id: a retried batch is stored once.
+	m.Header.Set(jetstream.MsgIDHeader, batchID)
+	m.Header.Set(jetstream.ExpectedStreamHeader, subject.StreamImpressions)
+	return m, batchID, nil
+}
+
+// answer maps a publish result to the caller's answer. A full stream is
+// retryable; nothing was stored, so the caller must retry (invariant 1).
+func (s *Server) answer(tenant, batchID string, n int, ack *jetstream.PubAck, err error) (*ingestv1.SubmitResponse, error) {
+	if err != nil {
+		return nil, s.publishError(tenant, n, err)
+	}
+	if ack.Duplicate {
+		s.metrics.batches.WithLabelValues("duplicate").Inc()
+	} else {
+		s.metrics.batches.WithLabelValues("stored").Inc()
+		s.metrics.impressions.WithLabelValues(tenant).Add(float64(n))
+	}
+	return &ingestv1.SubmitResponse{BatchId: batchID, Accepted: int32(n), Duplicate: ack.Duplicate}, nil
+}
+
+// publishError is the one place JetStream errors become gRPC codes.
+func (s *Server) publishError(tenant string, n int, err error) error {
+	switch {
+	case stream.IsFull(err):
+		s.metrics.refused(tenant, "store_full", n)
+		s.log.Warn("impressions stream full; refusing", "tenant", tenant)
+		st := status.New(codes.ResourceExhausted, "impression store is full; nothing was stored, retry later")
+		st, _ = st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)})
+		return st.Err()
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "canceled; the batch may or may not be stored, retry with the same idempotency key")
+	default:
+		s.metrics.refused(tenant, "unavailable", n)
+		s.log.Warn("publish failed", "tenant", tenant, "err", err)
+		return status.Error(codes.Unavailable, "impression store unavailable; retry with the same idempotency key")
+	}
+}
+
+func (s *Server) limiter(tenant string) *rate.Limiter {
+	if s.limits.TenantRate <= 0 {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.limiters[tenant]
+	if !ok {
+		l = rate.NewLimiter(rate.Limit(s.limits.TenantRate), s.limits.TenantBurst)
+		s.limiters[tenant] = l
+	}
+	return l
+}
+
+// SubmitStream stores batches as they come and answers each one in order once
+// stored. Up to StreamWindow batches await their acknowledgement at once, so
+// one stream can carry far more than one round trip per batch allows.
+func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStreamRequest, ingestv1.SubmitStreamResponse]) error {
+	ctx := srv.Context()
+	tenant, err := tenantFrom(ctx)
+	if err != nil {
+		return err
+	}
+	type inflight struct {
+		seq     uint64
+		n       int
+		batchID string
+		fut     jetstream.PubAckFuture
+		err     error
+	}
+	window := make(chan inflight, s.limits.StreamWindow)
+	recvErr := make(chan error, 1)
+	go func() {
+		defer close(window)
+		for {
+			var req ingestv1.SubmitStreamRequest
+			err := srv.RecvMsg(&req)
+			if errors.Is(err, io.EOF) {
+				recvErr <- nil
+				return
+			}
+			if err != nil {
+				// Validation failures refuse that batch only; the stream goes on.
+				if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument && req.GetBatch() != nil {
+					window <- inflight{seq: req.GetSequence(), err: err}
+					continue
+				}
+				recvErr <- err
+				return
+			}
+			f := inflight{seq: req.GetSequence(), n: len(req.GetBatch().GetImpressions())}
+			msg, batchID, perr := s.prepare(tenant, req.GetBatch())
+			if perr != nil {
+				f.err = perr
+			} else {
+				f.batchID = batchID
+				f.fut, f.err = s.js.PublishMsgAsync(msg)
+				if f.err != nil {
+					f.err = s.publishError(tenant, f.n, f.err)
+				}
+			}
+			select {
+			case window <- f:
+			case <-ctx.Done():
+				recvErr <- ctx.Err()
+				return
+			}
+		}
+	}()
+	for f := range window {
+		resp := &ingestv1.SubmitStreamResponse{Sequence: f.seq}
+		err := f.err
+		if err == nil {
+			var ack *jetstream.PubAck
+			select {
+			case ack = <-f.fut.Ok():
+			case perr := <-f.fut.Err():
+				err = s.publishError(tenant, f.n, perr)
+			case <-time.After(s.limits.PublishTimeout):
+				err = s.publishError(tenant, f.n, context.DeadlineExceeded)
+			}
+			if err == nil {
+				resp.Result, err = s.answer(tenant, f.batchID, f.n, ack, nil)
+			}
+		}
+		if err != nil {
+			st := status.Convert(err)
+			resp.ErrorCode, resp.ErrorMessage = int32(st.Code()), st.Message()
+		}
+		if err := srv.Send(resp); err != nil {
+			// Drain so the reader is not blocked; the client is gone.
+			for range window {
+			}
+			return err
+		}
+	}
+	return <-recvErr
+}
+
+// newBatchID derives the id from the idempotency key when there is one, so a
+// retried Submit carries the same JetStream message id and is stored once.
+func newBatchID(tenant, idempotencyKey string) string {
+	if idempotencyKey != "" {
+		h := sha256.Sum256([]byte(tenant + "\x00" + idempotencyKey))
+		return "b_" + hex.EncodeToString(h[:12])
+	}
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return "b_" + hex.EncodeToString(b[:])
+}
+
+func invalid(field, desc string) error {
+	st := status.New(codes.InvalidArgument, field+": "+desc)
+	st, _ = st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: field, Description: desc}}})
+	return st.Err()
+}

@@ -1,0 +1,305 @@
+// Package admin serves bulkhead.admin.v1.AdminService: the destination
+// registry, destination health, and the operator actions of the runbooks.
+// Every mutating call is authorised by role and written to the audit trail.
+package admin
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/audit"
+	"github.com/bulkhead-io/bulkhead/pkg/netguard"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+)
+
+// Defaults fill a destination's unset limits, so what is stored (and shown)
+// is what the deliverer applies.
+type Defaults struct {
+	MaxBatchImpressions int32
+	MaxBatchBytes       int32
+	Linger              time.Duration
+	Timeout             time.Duration
+	// ReplayRate is ReplayParked's rate when the caller gives none.
+	ReplayRate float64
+}
+
+// WindowStats returns the monitor's sliding-window figures for a destination
+// (attempts, error rate, latency, failures by class, last success), or nil.
+type WindowStats func(id string) *adminv1.DestinationHealth
+
+// Server implements adminv1.AdminServiceServer.
+type Server struct {
+	adminv1.UnimplementedAdminServiceServer
+	js        jetstream.JetStream
+	dests     jetstream.KeyValue
+	decisions jetstream.KeyValue
+	policy    *netguard.Policy
+	tokens    []Token
+	defaults  Defaults
+	stats     WindowStats
+	log       *slog.Logger
+}
+
+// New returns the admin server. stats may be nil.
+func New(ctx context.Context, js jetstream.JetStream, policy *netguard.Policy, tokens []Token, d Defaults, stats WindowStats, log *slog.Logger) (*Server, error) {
+	dests, err := js.KeyValue(ctx, subject.BucketDestinations)
+	if err != nil {
+		return nil, err
+	}
+	decisions, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	if err != nil {
+		return nil, err
+	}
+	return &Server{js: js, dests: dests, decisions: decisions, policy: policy, tokens: tokens, defaults: d, stats: stats, log: log}, nil
+}
+
+func constantTimeEqual(a, b string) bool {
+	ha, hb := sha256.Sum256([]byte(a)), sha256.Sum256([]byte(b))
+	return subtle.ConstantTimeCompare(ha[:], hb[:]) == 1
+}
+
+// CreateDestination registers a destination, generating its secret when none is given.
+func (s *Server) CreateDestination(ctx context.Context, req *adminv1.CreateDestinationRequest) (*adminv1.CreateDestinationResponse, error) {
+	d := proto.Clone(req.GetDestination()).(*adminv1.Destination)
+	if err := s.check(d); err != nil {
+		return nil, err
+	}
+	if d.GetSecret() == "" {
+		secret, err := webhook.NewSecret()
+		if err != nil {
+			return nil, internal(s.log, "new secret", err)
+		}
+		d.Secret = secret
+	}
+	d.PreviousSecret, d.PreviousSecretExpires, d.DisabledReason = "", nil, ""
+	d.Created, d.Updated = timestamppb.Now(), timestamppb.Now()
+	s.fill(d)
+	b, err := registry.Encode(d)
+	if err != nil {
+		return nil, internal(s.log, "encode", err)
+	}
+	if _, err := s.dests.Create(ctx, d.GetId(), b); err != nil {
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			return nil, status.Errorf(codes.AlreadyExists, "destination %q already exists", d.GetId())
+		}
+		return nil, unavailable(s.log, "create destination", err)
+	}
+	s.record(ctx, "CreateDestination", d.GetTenantId(), []string{d.GetId()}, "", "url "+d.GetUrl(), false)
+	return &adminv1.CreateDestinationResponse{Destination: d}, nil
+}
+
+// check validates what protovalidate cannot: the URL against the network
+// policy, the secret's format.
+func (s *Server) check(d *adminv1.Destination) error {
+	if d.GetId() == "" || d.GetTenantId() == "" || d.GetUrl() == "" {
+		return invalidArg("destination", "id, tenant_id and url are required")
+	}
+	if _, err := s.policy.CheckURL(d.GetUrl()); err != nil {
+		return invalidArg("destination.url", err.Error())
+	}
+	if d.GetSecret() != "" {
+		if _, err := webhook.ParseSecret(d.GetSecret()); err != nil {
+			return invalidArg("destination.secret", "want whsec_<base64 of 24-64 random bytes>")
+		}
+	}
+	return nil
+}
+
+func (s *Server) fill(d *adminv1.Destination) {
+	if d.GetMaxBatchImpressions() == 0 {
+		d.MaxBatchImpressions = s.defaults.MaxBatchImpressions
+	}
+	if d.GetMaxBatchBytes() == 0 {
+		d.MaxBatchBytes = s.defaults.MaxBatchBytes
+	}
+	if d.GetLinger() == nil {
+		d.Linger = durationpb.New(s.defaults.Linger)
+	}
+	if d.GetTimeout() == nil || d.GetTimeout().AsDuration() == 0 {
+		d.Timeout = durationpb.New(s.defaults.Timeout)
+	}
+}
+
+// load returns the stored destination and its KV revision.
+func (s *Server) load(ctx context.Context, id string) (*adminv1.Destination, uint64, error) {
+	e, err := s.dests.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, 0, status.Errorf(codes.NotFound, "destination %q not found", id)
+	}
+	if err != nil {
+		return nil, 0, unavailable(s.log, "get destination", err)
+	}
+	var d adminv1.Destination
+	if err := registry.Decode(e.Value(), &d); err != nil {
+		return nil, 0, internal(s.log, "decode destination", err)
+	}
+	return &d, e.Revision(), nil
+}
+
+func redact(d *adminv1.Destination) *adminv1.Destination {
+	c := proto.Clone(d).(*adminv1.Destination)
+	c.Secret, c.PreviousSecret = "", ""
+	return c
+}
+
+// GetDestination returns a destination without its secrets.
+func (s *Server) GetDestination(ctx context.Context, req *adminv1.GetDestinationRequest) (*adminv1.GetDestinationResponse, error) {
+	d, _, err := s.load(ctx, req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return &adminv1.GetDestinationResponse{Destination: redact(d)}, nil
+}
+
+// ListDestinations lists destinations ordered by id, optionally of one tenant.
+func (s *Server) ListDestinations(ctx context.Context, req *adminv1.ListDestinationsRequest) (*adminv1.ListDestinationsResponse, error) {
+	all, err := s.all(ctx, req.GetTenantId())
+	if err != nil {
+		return nil, err
+	}
+	for i, d := range all {
+		all[i] = redact(d)
+	}
+	return &adminv1.ListDestinationsResponse{Destinations: all}, nil
+}
+
+// all reads every destination (of tenant, when given) from KV, ordered by id.
+func (s *Server) all(ctx context.Context, tenant string) ([]*adminv1.Destination, error) {
+	lister, err := s.dests.ListKeys(ctx)
+	if err != nil {
+		return nil, unavailable(s.log, "list destinations", err)
+	}
+	defer func() { _ = lister.Stop() }()
+	var ids []string
+	for k := range lister.Keys() {
+		ids = append(ids, k)
+	}
+	var out []*adminv1.Destination
+	for _, id := range sortStrings(ids) {
+		d, _, err := s.load(ctx, id)
+		if status.Code(err) == codes.NotFound {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		if tenant == "" || d.GetTenantId() == tenant {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// UpdateDestination replaces a destination's settings; id and tenant are fixed.
+func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDestinationRequest) (*adminv1.UpdateDestinationResponse, error) {
+	in := req.GetDestination()
+	old, rev, err := s.load(ctx, in.GetId())
+	if err != nil {
+		return nil, err
+	}
+	if in.GetTenantId() != old.GetTenantId() {
+		return nil, invalidArg("destination.tenant_id", "a destination cannot move to another tenant")
+	}
+	d := proto.Clone(in).(*adminv1.Destination)
+	d.Secret = old.GetSecret()
+	if err := s.check(d); err != nil {
+		return nil, err
+	}
+	d.PreviousSecret, d.PreviousSecretExpires = old.GetPreviousSecret(), old.GetPreviousSecretExpires()
+	d.Created, d.Updated = old.GetCreated(), timestamppb.Now()
+	if d.GetEnabled() {
+		d.DisabledReason = ""
+	}
+	rotated := false
+	if in.GetSecret() != "" && in.GetSecret() != old.GetSecret() || req.GetRotateSecret() {
+		next := in.GetSecret()
+		if next == "" || next == old.GetSecret() {
+			if next, err = webhook.NewSecret(); err != nil {
+				return nil, internal(s.log, "new secret", err)
+			}
+		}
+		// The old secret keeps signing for a day: receivers verify either.
+		d.PreviousSecret, d.PreviousSecretExpires = old.GetSecret(), timestamppb.New(time.Now().Add(24*time.Hour))
+		d.Secret = next
+		rotated = true
+	}
+	s.fill(d)
+	b, err := registry.Encode(d)
+	if err != nil {
+		return nil, internal(s.log, "encode", err)
+	}
+	if _, err := s.dests.Update(ctx, d.GetId(), b, rev); err != nil {
+		return nil, status.Errorf(codes.Aborted, "destination %q changed concurrently; read it again and retry", d.GetId())
+	}
+	s.record(ctx, "UpdateDestination", d.GetTenantId(), []string{d.GetId()}, "", fmt.Sprintf("rotated secret: %v", rotated), false)
+	if !rotated {
+		d = redact(d)
+	}
+	return &adminv1.UpdateDestinationResponse{Destination: d}, nil
+}
+
+// DeleteDestination removes a destination and its decision; parked data stays
+// until the export window ends.
+func (s *Server) DeleteDestination(ctx context.Context, req *adminv1.DeleteDestinationRequest) (*adminv1.DeleteDestinationResponse, error) {
+	d, _, err := s.load(ctx, req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.dests.Delete(ctx, d.GetId()); err != nil {
+		return nil, unavailable(s.log, "delete destination", err)
+	}
+	if err := s.decisions.Delete(ctx, d.GetId()); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		s.log.Warn("delete decision", "destination", d.GetId(), "err", err)
+	}
+	s.record(ctx, "DeleteDestination", d.GetTenantId(), []string{d.GetId()}, "", "", false)
+	return &adminv1.DeleteDestinationResponse{}, nil
+}
+
+// record writes an admin action to the audit trail. A failure to audit is
+// logged loudly; the action itself has already happened.
+func (s *Server) record(ctx context.Context, action, tenant string, ids []string, reason, detail string, dryRun bool) {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	err := audit.Admin(actx, s.js, &eventv1.AuditRecord{
+		Actor: actor(ctx), Action: action, TenantId: tenant, DestinationIds: ids,
+		Reason: reason, Detail: detail, DryRun: dryRun,
+	})
+	if err != nil {
+		s.log.Error("audit record lost", "action", action, "tenant", tenant, "err", err)
+	}
+}
+
+// internal logs err and returns a status that does not leak it.
+func internal(log *slog.Logger, op string, err error) error {
+	log.Error(op, "err", err)
+	return status.Error(codes.Internal, "internal error")
+}
+
+// unavailable logs err and returns a retryable status that does not leak it.
+func unavailable(log *slog.Logger, op string, err error) error {
+	log.Warn(op, "err", err)
+	return status.Errorf(codes.Unavailable, "%s: store unavailable, retry", op)
+}
+
+func formatCount(batches, impressions int64) string {
+	if impressions < 0 {
+		return fmt.Sprintf("%d batches", batches)
+	}
+	return fmt.Sprintf("%d batches, %d impressions", batches, impressions)
+}

@@ -1,0 +1,583 @@
+package health
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"time"
+
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// ErrUnknownDestination is returned for a destination the Machine does not
+// track.
+var ErrUnknownDestination = errors.New("unknown destination")
+
+// ErrWrongState is returned for a transition the destination's current state
+// does not allow, such as a probe result for a destination not PROBING.
+var ErrWrongState = errors.New("wrong state for transition")
+
+// ErrInvalidArgument is returned when a required destination id or actor is
+// empty, or a decision to load is malformed.
+var ErrInvalidArgument = errors.New("invalid argument")
+
+// decidedByPolicy is Decision.decided_by for automatic transitions.
+const decidedByPolicy = "policy"
+
+// Machine holds the state of every destination it has heard of and decides
+// their transitions:
+//
+//	HEALTHY ──policy trips──▶ QUARANTINED ──backoff elapsed──▶ PROBING
+//	   ▲                           ▲                            │   │
+//	   │                           └──probe fails, backoff×2────┘   │
+//	   └── Drained ── RECOVERING ◀──────────probe ok────────────────┘
+//	PAUSED: set and lifted only by an operator; overrides all of the above.
+//
+// Every transition returns a new eventv1.Decision whose revision is the
+// previous one plus one; the caller stores and publishes it. A destination
+// never decided on is HEALTHY at revision 0. Decisions returned are the
+// caller's to keep: the Machine holds no reference to them.
+//
+// A Machine never reads the clock. It is safe for concurrent use.
+type Machine struct {
+	policy Policy
+	jitter func() float64
+
+	mu      sync.Mutex
+	dests   map[string]*destination
+	domains map[string]*domain
+}
+
+// destination is one destination's window and the decision in force, kept
+// as plain values so no caller shares them.
+type destination struct {
+	id     string
+	tenant string
+	domain string // failure domain from SetDomain
+
+	win      *Window   // nil until the first outcome
+	winSince time.Time // outcomes of attempts finished earlier are ignored
+
+	state     eventv1.State // never STATE_UNSPECIFIED
+	reason    string
+	decidedBy string
+	decDomain string // Decision.domain: the domain a quarantine was made for
+	since     time.Time
+	nextProbe time.Time
+	revision  uint64
+	// probeFailures drives the probe backoff. Kept through RECOVERING and
+	// HEALTHY as flap memory (see Policy.FlapCooldown).
+	probeFailures int32
+}
+
+// domain is one failure domain's members and recent trips.
+type domain struct {
+	members   map[string]*destination
+	trips     []trip    // policy trips of members, oldest first
+	trippedAt time.Time // when the domain last tripped as a whole
+}
+
+// trip is one member's policy trip.
+type trip struct {
+	dest string
+	at   time.Time
+}
+
+// New returns a Machine applying p, or an error wrapping ErrInvalidPolicy.
+// jitter returns values in [0, 1) that spread probe times; nil means
+// math/rand/v2's Float64.
+func New(p Policy, jitter func() float64) (*Machine, error) {
+	if err := p.Validate(); err != nil {
+		return nil, fmt.Errorf("new health machine: %w", err)
+	}
+	if jitter == nil {
+		jitter = rand.Float64
+	}
+	return &Machine{
+		policy:  p,
+		jitter:  jitter,
+		dests:   make(map[string]*destination),
+		domains: make(map[string]*domain),
+	}, nil
+}
+
+// Observe records the outcome of one delivery attempt at now and returns the
+// decisions it causes, nil almost always. Only a HEALTHY or RECOVERING
+// destination is quarantined; for the others the outcome only feeds the
+// statistics. When the trip completes a failure domain's quota, the decisions
+// for the rest of the domain follow the first one, ordered by destination.
+//
+// The attempt's time is o.At, or now when o.At is unset or later than now.
+// Outcomes older than the window, or finished before the destination
+// recovered or was resumed, are ignored, as are probe outcomes (report those
+// with ProbeResult) and outcomes without a destination.
+func (m *Machine) Observe(o *eventv1.Outcome, now time.Time) []*eventv1.Decision {
+	id := o.GetDestinationId()
+	if id == "" || o.GetProbe() {
+		return nil
+	}
+	at := now
+	if ts := o.GetAt(); ts != nil {
+		if t := ts.AsTime(); t.Before(now) {
+			at = t
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d := m.dest(id)
+	if d.tenant == "" {
+		d.tenant = o.GetTenantId()
+	}
+	if at.Before(d.winSince) || now.Sub(at) > m.policy.Window {
+		return nil
+	}
+	if d.win == nil {
+		d.win = newWindow(m.policy.Window, m.policy.Bucket, m.policy.SlowFraction)
+	}
+	d.win.Add(o, at)
+	if (d.state != eventv1.State_STATE_HEALTHY && d.state != eventv1.State_STATE_RECOVERING) ||
+		kindOf(classOf(o.GetErrorClass())) == kindSuccess {
+		// A success cannot make any rule trip.
+		return nil
+	}
+	if dom, ok := m.heldDomain(d, now); ok && failureClass(o.GetErrorClass()) {
+		reason := fmt.Sprintf("failure domain %s tripped %v ago", d.domain, now.Sub(dom.trippedAt).Round(time.Second))
+		return []*eventv1.Decision{m.quarantine(d, reason, d.domain, now)}
+	}
+	t, ok := m.policy.Check(d.win, now)
+	if !ok {
+		return nil
+	}
+	out := []*eventv1.Decision{m.quarantine(d, t.Reason, "", now)}
+	return append(out, m.correlate(d, now)...)
+}
+
+// Tick makes the transitions that time alone causes and returns their
+// decisions, ordered by destination: a QUARANTINED destination whose next
+// probe is due goes to PROBING (the caller probes it and reports with
+// ProbeResult), and a PROBING one without a result for Policy.ProbeTimeout
+// counts as a failed probe. Call it about once a second.
+func (m *Machine) Tick(now time.Time) []*eventv1.Decision {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*eventv1.Decision
+	for _, d := range m.dests {
+		switch d.state {
+		case eventv1.State_STATE_QUARANTINED:
+			if !now.Before(d.nextProbe) {
+				out = append(out, m.set(d, eventv1.State_STATE_PROBING,
+					fmt.Sprintf("probe %d", d.probeFailures+1), decidedByPolicy, d.decDomain, now))
+			}
+		case eventv1.State_STATE_PROBING:
+			if now.Sub(d.since) >= m.policy.ProbeTimeout {
+				out = append(out, m.probeFailed(d, fmt.Sprintf("no result within %v", m.policy.ProbeTimeout), now))
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b *eventv1.Decision) int { return cmp.Compare(a.DestinationId, b.DestinationId) })
+	return out
+}
+
+// ProbeResult reports the probe of a PROBING destination: nil probeErr moves
+// it to RECOVERING (the parked backlog replays; call Drained when it is
+// empty), an error back to QUARANTINED with one more probe failure and a
+// longer backoff. It returns ErrUnknownDestination or ErrWrongState (for
+// example when an operator paused the destination while the probe ran).
+func (m *Machine) ProbeResult(dest string, probeErr error, now time.Time) (*eventv1.Decision, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, err := m.lookup("probe result", dest, eventv1.State_STATE_PROBING)
+	if err != nil {
+		return nil, err
+	}
+	if probeErr != nil {
+		return m.probeFailed(d, probeErr.Error(), now), nil
+	}
+	d.resetWindow(now)
+	return m.set(d, eventv1.State_STATE_RECOVERING, "probe succeeded", decidedByPolicy, "", now), nil
+}
+
+// Drained reports that a RECOVERING destination's parked backlog has been
+// replayed, making it HEALTHY. The probe failures are kept as flap memory for
+// Policy.FlapCooldown. It returns ErrUnknownDestination or ErrWrongState.
+func (m *Machine) Drained(dest string, now time.Time) (*eventv1.Decision, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, err := m.lookup("drained", dest, eventv1.State_STATE_RECOVERING)
+	if err != nil {
+		return nil, err
+	}
+	return m.set(d, eventv1.State_STATE_HEALTHY, "parked backlog drained", decidedByPolicy, "", now), nil
+}
+
+// Pause puts a destination in PAUSED on behalf of actor, whatever its state,
+// tracking it if it was unknown; only Resume lifts it. Pausing a paused
+// destination changes nothing and returns nil, nil. It returns
+// ErrInvalidArgument when dest or actor is empty.
+func (m *Machine) Pause(dest, tenant, actor, reason string, now time.Time) (*eventv1.Decision, error) {
+	if dest == "" || actor == "" {
+		return nil, fmt.Errorf("pause %q by %q: %w: destination and actor are required", dest, actor, ErrInvalidArgument)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d := m.dest(dest)
+	if tenant != "" {
+		d.tenant = tenant
+	}
+	if d.state == eventv1.State_STATE_PAUSED {
+		return nil, nil
+	}
+	return m.set(d, eventv1.State_STATE_PAUSED, operatorReason(reason, "paused"), "operator:"+actor, "", now), nil
+}
+
+// Resume lifts an operator's pause on behalf of actor. The destination goes
+// to RECOVERING, so its parked backlog replays, with a fresh window and no
+// probe failures. It returns ErrInvalidArgument, ErrUnknownDestination or
+// ErrWrongState when the destination is not PAUSED.
+func (m *Machine) Resume(dest, actor, reason string, now time.Time) (*eventv1.Decision, error) {
+	if actor == "" {
+		return nil, fmt.Errorf("resume %s: %w: actor is required", dest, ErrInvalidArgument)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, err := m.lookup("resume", dest, eventv1.State_STATE_PAUSED)
+	if err != nil {
+		return nil, err
+	}
+	d.probeFailures = 0
+	d.resetWindow(now)
+	return m.set(d, eventv1.State_STATE_RECOVERING, operatorReason(reason, "resumed"), "operator:"+actor, "", now), nil
+}
+
+// Load seeds the Machine with a stored decision, as read from the KV bucket
+// on start or failover. A decision whose revision is not above the one in
+// force is ignored, so replaying a watch is harmless. STATE_UNSPECIFIED loads
+// as HEALTHY; a QUARANTINED decision without next_probe is due at once; a
+// PROBING one is failed by Tick after Policy.ProbeTimeout from its since, as
+// its probe died with the monitor that ran it. It returns ErrInvalidArgument
+// for a decision without destination or with an unknown state.
+func (m *Machine) Load(dec *eventv1.Decision) error {
+	id, state := dec.GetDestinationId(), dec.GetState()
+	if id == "" {
+		return fmt.Errorf("load decision: %w: no destination id", ErrInvalidArgument)
+	}
+	if _, ok := eventv1.State_name[int32(state)]; !ok {
+		return fmt.Errorf("load decision %s: %w: unknown state %d", id, ErrInvalidArgument, state)
+	}
+	if state == eventv1.State_STATE_UNSPECIFIED {
+		state = eventv1.State_STATE_HEALTHY
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d, ok := m.dests[id]; ok && d.revision >= dec.GetRevision() {
+		return nil
+	}
+	d := m.dest(id)
+	if t := dec.GetTenantId(); t != "" {
+		d.tenant = t
+	}
+	d.state = state
+	d.reason = dec.GetReason()
+	d.decidedBy = dec.GetDecidedBy()
+	d.decDomain = dec.GetDomain()
+	d.since = asTime(dec.GetSince())
+	d.nextProbe = asTime(dec.GetNextProbe())
+	d.revision = dec.GetRevision()
+	d.probeFailures = max(dec.GetProbeFailures(), 0)
+	if state == eventv1.State_STATE_RECOVERING {
+		d.resetWindow(d.since)
+	}
+	return nil
+}
+
+// Forget stops tracking a destination, for example once it is deleted.
+func (m *Machine) Forget(dest string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d, ok := m.dests[dest]; ok {
+		m.leaveDomain(d)
+		delete(m.dests, dest)
+	}
+}
+
+// SetDomain puts a destination in a failure domain (a resolved network,
+// host or DNS zone it shares with others), tracking it if it was unknown; an
+// empty domain takes it out of any.
+func (m *Machine) SetDomain(dest, domainKey string) {
+	if dest == "" {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d := m.dest(dest)
+	if d.domain == domainKey {
+		return
+	}
+	m.leaveDomain(d)
+	if domainKey == "" {
+		return
+	}
+	dom, ok := m.domains[domainKey]
+	if !ok {
+		dom = &domain{members: make(map[string]*destination)}
+		m.domains[domainKey] = dom
+	}
+	dom.members[dest] = d
+	d.domain = domainKey
+}
+
+// Decision returns the decision in force for dest (HEALTHY at revision 0
+// when none was made), or ErrUnknownDestination.
+func (m *Machine) Decision(dest string) (*eventv1.Decision, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, ok := m.dests[dest]
+	if !ok {
+		return nil, fmt.Errorf("decision %s: %w", dest, ErrUnknownDestination)
+	}
+	return d.decision(), nil
+}
+
+// Stats is a destination's health for the admin API, over the window ending
+// when it was taken.
+type Stats struct {
+	// Decision is the decision in force (HEALTHY at revision 0 when none was
+	// made).
+	Decision *eventv1.Decision
+	// Domain is the failure domain set with SetDomain.
+	Domain string
+	// Attempts in the window.
+	Attempts int64
+	// Successes in the window.
+	Successes int64
+	// ErrorRate in the window, 0..1, as the policy counts it (429s are not
+	// failures).
+	ErrorRate float64
+	// ConsecutiveFailures is the current run of failures.
+	ConsecutiveFailures int
+	// LatencyP50Ms is the window's median latency, within 12.5%.
+	LatencyP50Ms float64
+	// LatencyP99Ms is the window's 99th percentile latency, within 12.5%.
+	LatencyP99Ms float64
+	// Slow counts the window's attempts that took most of their timeout.
+	Slow int64
+	// FailuresByClass counts the window's unsuccessful attempts, 429s
+	// included, by eventv1.ErrorClass name.
+	FailuresByClass map[string]int64
+	// LastSuccess is when the last 2xx finished; zero if none was seen.
+	LastSuccess time.Time
+}
+
+// Snapshot returns dest's statistics at now, or ErrUnknownDestination.
+func (m *Machine) Snapshot(dest string, now time.Time) (Stats, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, ok := m.dests[dest]
+	if !ok {
+		return Stats{}, fmt.Errorf("snapshot %s: %w", dest, ErrUnknownDestination)
+	}
+	s := Stats{Decision: d.decision(), Domain: d.domain, FailuresByClass: map[string]int64{}}
+	if d.win == nil {
+		return s, nil
+	}
+	c := d.win.Counts(now)
+	s.Attempts, s.Successes, s.ErrorRate, s.Slow = c.Attempts, c.Successes, c.ErrorRate(), c.Slow
+	s.ConsecutiveFailures = d.win.Consecutive(now)
+	s.LatencyP50Ms = d.win.Latency(now, 0.5)
+	s.LatencyP99Ms = d.win.Latency(now, 0.99)
+	s.LastSuccess = d.win.LastSuccess()
+	for cls, n := range c.ByClass {
+		if cls != int(eventv1.ErrorClass_ERROR_CLASS_UNSPECIFIED) && n > 0 {
+			s.FailuresByClass[eventv1.ErrorClass(cls).String()] = n
+		}
+	}
+	return s, nil
+}
+
+// dest returns the tracked destination id, tracking it as HEALTHY if
+// needed. m.mu must be held.
+func (m *Machine) dest(id string) *destination {
+	d, ok := m.dests[id]
+	if !ok {
+		d = &destination{id: id, state: eventv1.State_STATE_HEALTHY}
+		m.dests[id] = d
+	}
+	return d
+}
+
+// lookup returns the destination id when it is in state want, or an error
+// for op wrapping ErrUnknownDestination or ErrWrongState. m.mu must be held.
+func (m *Machine) lookup(op, id string, want eventv1.State) (*destination, error) {
+	d, ok := m.dests[id]
+	if !ok {
+		return nil, fmt.Errorf("%s %s: %w", op, id, ErrUnknownDestination)
+	}
+	if d.state != want {
+		return nil, fmt.Errorf("%s %s: %w: %s, not %s", op, id, ErrWrongState, d.state, want)
+	}
+	return d, nil
+}
+
+// set moves d to state at now and returns the new decision. m.mu must be
+// held.
+func (m *Machine) set(d *destination, state eventv1.State, reason, by, domainKey string, now time.Time) *eventv1.Decision {
+	d.state, d.reason, d.decidedBy, d.decDomain = state, reason, by, domainKey
+	d.since = now
+	if state != eventv1.State_STATE_QUARANTINED {
+		d.nextProbe = time.Time{}
+	}
+	d.revision++
+	return d.decision()
+}
+
+// quarantine moves a HEALTHY or RECOVERING d to QUARANTINED. A destination
+// tripping while recovering, or within FlapCooldown of becoming healthy
+// again, is flapping: its backoff resumes one step past where it was instead
+// of restarting. m.mu must be held.
+func (m *Machine) quarantine(d *destination, reason, domainKey string, now time.Time) *eventv1.Decision {
+	flapping := d.state == eventv1.State_STATE_RECOVERING ||
+		(d.revision > 0 && now.Sub(d.since) < m.policy.FlapCooldown)
+	if flapping {
+		d.probeFailures++
+		reason = fmt.Sprintf("%s (again %v after recovery)", reason, now.Sub(d.since).Round(time.Second))
+	} else {
+		d.probeFailures = 0
+	}
+	d.nextProbe = now.Add(m.policy.ProbeDelay(d.probeFailures, m.jitter()))
+	return m.set(d, eventv1.State_STATE_QUARANTINED, reason, decidedByPolicy, domainKey, now)
+}
+
+// probeFailed moves a PROBING d back to QUARANTINED with a longer backoff.
+// m.mu must be held.
+func (m *Machine) probeFailed(d *destination, why string, now time.Time) *eventv1.Decision {
+	d.probeFailures++
+	d.nextProbe = now.Add(m.policy.ProbeDelay(d.probeFailures, m.jitter()))
+	return m.set(d, eventv1.State_STATE_QUARANTINED, "probe failed: "+why, decidedByPolicy, d.decDomain, now)
+}
+
+// heldDomain returns d's domain when it tripped less than Domain.Within ago.
+// m.mu must be held.
+func (m *Machine) heldDomain(d *destination, now time.Time) (*domain, bool) {
+	if !m.policy.Domain.Enabled || d.domain == "" {
+		return nil, false
+	}
+	dom := m.domains[d.domain]
+	if dom.trippedAt.IsZero() || now.Sub(dom.trippedAt) >= m.policy.Domain.Within {
+		return nil, false
+	}
+	return dom, true
+}
+
+// correlate records that d tripped by policy at now and, when that trips
+// d's failure domain, quarantines the domain's other destinations that are
+// HEALTHY or RECOVERING with failures in their window. m.mu must be held.
+func (m *Machine) correlate(d *destination, now time.Time) []*eventv1.Decision {
+	dp := m.policy.Domain
+	if !dp.Enabled || d.domain == "" {
+		return nil
+	}
+	dom := m.domains[d.domain]
+	dom.trips = slices.DeleteFunc(dom.trips, func(t trip) bool {
+		_, member := dom.members[t.dest]
+		return !member || now.Sub(t.at) > dp.Within
+	})
+	dom.trips = append(dom.trips, trip{dest: d.id, at: now})
+	tripped := make(map[string]bool, len(dom.trips))
+	for _, t := range dom.trips {
+		tripped[t.dest] = true
+	}
+	if len(tripped) < dp.MinTripped {
+		return nil
+	}
+	active := 0
+	for _, mb := range dom.members {
+		if mb.win != nil && mb.win.Counts(now).Attempts > 0 {
+			active++
+		}
+	}
+	if float64(len(tripped)) < dp.MinShare*float64(active) {
+		return nil
+	}
+	dom.trippedAt = now
+	reason := fmt.Sprintf("failure domain %s: %d of %d active destinations tripped within %v",
+		d.domain, len(tripped), active, dp.Within)
+	var out []*eventv1.Decision
+	for _, id := range slices.Sorted(maps.Keys(dom.members)) {
+		mb := dom.members[id]
+		if mb.state != eventv1.State_STATE_HEALTHY && mb.state != eventv1.State_STATE_RECOVERING {
+			continue
+		}
+		if mb.win == nil || mb.win.Counts(now).hardFailures() == 0 {
+			continue
+		}
+		out = append(out, m.quarantine(mb, reason, d.domain, now))
+	}
+	return out
+}
+
+// leaveDomain takes d out of its failure domain, dropping the domain when
+// it empties. m.mu must be held.
+func (m *Machine) leaveDomain(d *destination) {
+	if d.domain == "" {
+		return
+	}
+	if dom, ok := m.domains[d.domain]; ok {
+		delete(dom.members, d.id)
+		if len(dom.members) == 0 {
+			delete(m.domains, d.domain)
+		}
+	}
+	d.domain = ""
+}
+
+// resetWindow starts d's window afresh: outcomes of attempts finished
+// before since are not evidence about the new state.
+func (d *destination) resetWindow(since time.Time) {
+	d.winSince = since
+	if d.win != nil {
+		d.win.Reset()
+	}
+}
+
+// decision builds the decision in force as a new message.
+func (d *destination) decision() *eventv1.Decision {
+	dec := &eventv1.Decision{
+		DestinationId: d.id,
+		TenantId:      d.tenant,
+		State:         d.state,
+		Reason:        d.reason,
+		DecidedBy:     d.decidedBy,
+		Revision:      d.revision,
+		ProbeFailures: d.probeFailures,
+		Domain:        d.decDomain,
+	}
+	if !d.since.IsZero() {
+		dec.Since = timestamppb.New(d.since)
+	}
+	if d.state == eventv1.State_STATE_QUARANTINED && !d.nextProbe.IsZero() {
+		dec.NextProbe = timestamppb.New(d.nextProbe)
+	}
+	return dec
+}
+
+// operatorReason says "operator: <reason>", with fallback when reason is
+// empty.
+func operatorReason(reason, fallback string) string {
+	if reason == "" {
+		reason = fallback
+	}
+	return "operator: " + reason
+}
+
+// asTime converts a timestamp, nil being the zero time.
+func asTime(ts *timestamppb.Timestamp) time.Time {
+	if ts == nil {
+		return time.Time{}
+	}
+	return ts.AsTime()
+}

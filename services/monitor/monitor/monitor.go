@@ -1,0 +1,191 @@
+// Package monitor wires the health monitor: the decision engine (outcomes,
+// quarantine, probes, recovery; active on the lease holder only) and the
+// AdminService (on every replica). main and the dev stack both start it
+// through Run.
+package monitor
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"log/slog"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/pkg/conf"
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
+	"github.com/bulkhead-io/bulkhead/pkg/netguard"
+	"github.com/bulkhead-io/bulkhead/pkg/obs"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/admin"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/engine"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
+)
+
+// EnvPrefix prefixes the environment variables of this service.
+const EnvPrefix = "BULKHEAD_MONITOR"
+
+// Config is the monitor's configuration.
+type Config struct {
+	service.Base
+	// AdminAddr serves the AdminService.
+	AdminAddr string
+	// AdminTokens are "name:token:role" triples (role read or operator).
+	AdminTokens conf.StringList
+	// AllowNets are CIDRs destinations may use although private.
+	AllowNets conf.StringList
+	Engine    engine.Config
+	Defaults  admin.Defaults
+}
+
+// Flags registers the configuration's flags on fs and returns it with defaults.
+func Flags(fs *flag.FlagSet) *Config {
+	c := &Config{}
+	c.Base.RegisterFlags(fs, "monitor", "127.0.0.1:7413")
+	fs.StringVar(&c.AdminAddr, "admin-addr", "127.0.0.1:7401", "address of the AdminService")
+	fs.Var(&c.AdminTokens, "admin-tokens", "comma-separated name:token:role triples, role read or operator")
+	fs.Var(&c.AllowNets, "allow-nets", "CIDRs destinations may use although private, comma-separated (e.g. 127.0.0.0/8)")
+	p := health.DefaultPolicy()
+	c.Engine.Policy = p
+	e := &c.Engine.Policy
+	fs.IntVar(&e.ConsecutiveFailures, "quarantine-consecutive", p.ConsecutiveFailures, "quarantine after this many failures in a row")
+	fs.Float64Var(&e.ErrorRate, "quarantine-error-rate", p.ErrorRate, "quarantine at this error rate over the window...")
+	fs.IntVar(&e.MinAttempts, "quarantine-min-attempts", p.MinAttempts, "...once the window holds this many attempts")
+	fs.IntVar(&e.MinUnreachable, "quarantine-unreachable", p.MinUnreachable, "quarantine after this many timeouts/refusals in the recent window (when they dominate it)")
+	fs.DurationVar(&e.Window, "window", p.Window, "sliding window span")
+	fs.DurationVar(&e.ProbeInitial, "probe-initial", p.ProbeInitial, "wait from quarantine to the first probe")
+	fs.DurationVar(&e.ProbeMax, "probe-max", p.ProbeMax, "ceiling of the doubling probe backoff")
+	fs.BoolVar(&e.Domain.Enabled, "failure-domains", p.Domain.Enabled, "quarantine a failure domain (host, /24) as a whole when several of its destinations fail together")
+	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
+	fs.StringVar(&c.Engine.Holder, "replica-id", service.ReplicaID(), "this replica's name in the leadership lease")
+	c.Defaults = admin.Defaults{MaxBatchImpressions: 500, MaxBatchBytes: 1 << 20, Linger: 200 * time.Millisecond, Timeout: 10 * time.Second, ReplayRate: 500}
+	fs.Func("batch-max-impressions", "default impressions per POST for new destinations (500)", func(s string) error {
+		n, err := strconv.ParseInt(s, 10, 32)
+		c.Defaults.MaxBatchImpressions = int32(n)
+		return err
+	})
+	fs.DurationVar(&c.Defaults.Linger, "batch-linger", c.Defaults.Linger, "default linger for new destinations")
+	fs.DurationVar(&c.Defaults.Timeout, "request-timeout", c.Defaults.Timeout, "default request timeout for new destinations")
+	fs.Float64Var(&c.Defaults.ReplayRate, "replay-rate", c.Defaults.ReplayRate, "ReplayParked's rate (batches/s) when the caller gives none")
+	return c
+}
+
+// ParseConfig reads flags and BULKHEAD_MONITOR_* variables.
+func ParseConfig(args []string) (*Config, error) {
+	fs := flag.NewFlagSet("monitor", flag.ContinueOnError)
+	c := Flags(fs)
+	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
+		return nil, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	if err := c.Base.Validate(); err != nil {
+		return err
+	}
+	if _, err := admin.ParseTokens(c.AdminTokens); err != nil {
+		return err
+	}
+	if _, err := netguard.NewPolicy(c.AllowNets); err != nil {
+		return err
+	}
+	if c.Engine.Holder == "" {
+		return errors.New("replica-id is required")
+	}
+	if c.Defaults.MaxBatchImpressions < 1 || c.Defaults.Timeout <= 0 || c.Defaults.ReplayRate <= 0 {
+		return errors.New("destination defaults must be positive")
+	}
+	return c.Engine.Policy.Validate()
+}
+
+// LogValue logs the configuration with tokens masked.
+func (c *Config) LogValue() slog.Value {
+	masked := make([]string, len(c.AdminTokens))
+	for i, t := range c.AdminTokens {
+		masked[i] = conf.Mask(t)
+	}
+	return slog.GroupValue(slog.Any("base", c.Base), slog.String("admin_addr", c.AdminAddr),
+		slog.Any("admin_tokens", masked), slog.Any("allow_nets", c.AllowNets),
+		slog.Bool("quarantine", !c.Engine.Disabled), slog.String("replica", c.Engine.Holder))
+}
+
+// Listeners are where the service serves; tests pass :0 listeners.
+type Listeners struct {
+	Admin   net.Listener
+	Metrics net.Listener // nil: no metrics server
+}
+
+// Main opens the configured listeners and runs until ctx ends.
+func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+	a, err := service.Listen(c.AdminAddr)
+	if err != nil {
+		return err
+	}
+	m, err := service.Listen(c.MetricsAddr)
+	if err != nil {
+		_ = a.Close()
+		return err
+	}
+	return Run(ctx, c, log, Listeners{Admin: a, Metrics: m})
+}
+
+// Run runs the monitor until ctx ends, then stops the engine (giving up the
+// lease at once), finishes admin calls in flight and drains NATS.
+func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error {
+	log.Info("starting monitor", "config", c)
+	tokens, err := admin.ParseTokens(c.AdminTokens)
+	if err != nil {
+		return err
+	}
+	policy, err := netguard.NewPolicy(c.AllowNets)
+	if err != nil {
+		return err
+	}
+
+	// Dependencies.
+	nc, js, err := c.Base.Connect(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer service.Drain(nc, c.ShutdownTimeout, log)
+	reg := obs.NewRegistry()
+	client := webhook.NewClient(policy, webhook.ClientOptions{})
+	defer client.CloseIdleConnections()
+	eng, err := engine.New(ctx, js, client, c.Engine, log, reg)
+	if err != nil {
+		return err
+	}
+	view, err := registry.Watch(ctx, js, log, eng.OnChange)
+	if err != nil {
+		return err
+	}
+
+	// Servers.
+	srv, err := admin.New(ctx, js, policy, tokens, c.Defaults, eng.Stats, log)
+	if err != nil {
+		return err
+	}
+	gs, err := grpcserver.New(grpcserver.Options{Log: log, Registry: reg, Auth: srv.Authenticate})
+	if err != nil {
+		return err
+	}
+	adminv1.RegisterAdminServiceServer(gs.Server, srv)
+	gs.Ready()
+
+	comps := []service.Component{
+		service.GRPC(gs, lis.Admin, c.ShutdownTimeout),
+		{Name: "engine", Run: func(ctx context.Context) error { return eng.Run(ctx, view) }},
+	}
+	if lis.Metrics != nil {
+		comps = append(comps, service.Metrics(obs.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
+		log.Info("monitor metrics", "addr", lis.Metrics.Addr().String())
+	}
+	log.Info("monitor serving", "admin", lis.Admin.Addr().String())
+	return service.Run(ctx, comps...)
+}

@@ -1,0 +1,247 @@
+// Package fanout consumes accepted impressions and fans each batch out to the
+// tenant's destinations: to imp.deliver.<dest> when the destination may
+// receive traffic, to imp.parked.<dest> when it is quarantined or paused. The
+// input is acknowledged only after every output is stored.
+package fanout
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/services/router/internal/route"
+)
+
+// ConsumerName is the durable consumer every router replica shares.
+const ConsumerName = "router"
+
+// Config tunes the router.
+type Config struct {
+	// Workers route batches concurrently.
+	Workers int
+	// AckWait is how long a batch may take before JetStream redelivers it.
+	AckWait time.Duration
+	// MaxAckPending bounds batches in flight across all replicas.
+	MaxAckPending int
+	// PublishTimeout bounds the wait for the outputs to be stored.
+	PublishTimeout time.Duration
+}
+
+// Router is the fan-out worker pool.
+type Router struct {
+	js      jetstream.JetStream
+	reg     *registry.Registry
+	cfg     Config
+	log     *slog.Logger
+	metrics *metrics
+}
+
+// New returns a router reading destinations and decisions from reg.
+func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.Logger, r prometheus.Registerer) (*Router, error) {
+	m, err := newMetrics(r)
+	if err != nil {
+		return nil, err
+	}
+	return &Router{js: js, reg: reg, cfg: cfg, log: log, metrics: m}, nil
+}
+
+// Run consumes until ctx ends, then finishes the batches in flight (and those
+// already pulled) before returning.
+func (r *Router) Run(ctx context.Context) error {
+	cons, err := r.js.CreateOrUpdateConsumer(ctx, subject.StreamImpressions, jetstream.ConsumerConfig{
+		Durable:       ConsumerName,
+		Description:   "routers: fan accepted impressions out to destinations",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       r.cfg.AckWait,
+		MaxAckPending: r.cfg.MaxAckPending,
+		MaxDeliver:    -1, // never give up on an accepted batch (invariant 1)
+		FilterSubject: subject.AllIn,
+	})
+	if err != nil {
+		return fmt.Errorf("consumer %s: %w", ConsumerName, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.Workers))
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", ConsumerName, err)
+	}
+	go func() {
+		<-ctx.Done()
+		// Drain hands over what was already pulled, then ends the iterator.
+		it.Drain()
+	}()
+	go r.watchLag(ctx, cons)
+
+	work := make(chan jetstream.Msg)
+	var wg sync.WaitGroup
+	for range r.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for m := range work {
+				r.handle(m)
+			}
+		}()
+	}
+	for {
+		m, err := it.Next()
+		if err != nil {
+			close(work)
+			wg.Wait()
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return nil
+			}
+			return err
+		}
+		work <- m
+	}
+}
+
+// handle routes one accepted batch. It runs to completion even during
+// shutdown (bounded by PublishTimeout) so no batch is left half-routed longer
+// than needed; a half-routed batch is safe anyway: it is redelivered and the
+// outputs already stored are de-duplicated by message id.
+func (r *Router) handle(m jetstream.Msg) {
+	start := time.Now()
+	var b eventv1.Batch
+	if err := proto.Unmarshal(m.Data(), &b); err != nil {
+		// Ingest only stores valid batches; this is corruption, not input.
+		r.log.Error("undecodable batch terminated", "subject", m.Subject(), "err", err)
+		r.metrics.batches.WithLabelValues("corrupt").Inc()
+		if err := m.Term(); err != nil {
+			r.log.Warn("term", "err", err)
+		}
+		return
+	}
+	targets := route.Plan(&b, r.reg.ForTenant(b.GetTenantId()), r.reg.State)
+	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.PublishTimeout)
+	defer cancel()
+	if err := r.publish(ctx, &b, targets); err != nil {
+		r.retryLater(m, err)
+		return
+	}
+	if err := m.Ack(); err != nil {
+		// Not acknowledged means redelivered: duplicates are suppressed by
+		// the outputs' message ids.
+		r.log.Warn("ack", "err", err)
+	}
+	r.metrics.batches.WithLabelValues("routed").Inc()
+	r.metrics.latency.Observe(time.Since(start).Seconds())
+	for _, t := range targets {
+		action := "deliver"
+		if t.Park {
+			action = "park"
+		}
+		r.metrics.impressions.WithLabelValues(t.DestinationID, action).Add(float64(len(t.Impressions)))
+	}
+}
+
+// publish stores every target's share and waits until all are stored.
+func (r *Router) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) error {
+	futures := make([]jetstream.PubAckFuture, 0, len(targets))
+	for _, t := range targets {
+		out := &eventv1.Batch{
+			BatchId: b.GetBatchId(), TenantId: b.GetTenantId(), DestinationId: t.DestinationID,
+			AcceptedAt: b.GetAcceptedAt(), Impressions: t.Impressions,
+		}
+		// One id per (batch, destination): a redelivered input re-publishes
+		// the same ids and JetStream stores each output once.
+		msgID := b.GetBatchId() + "." + t.DestinationID
+		var msg *nats.Msg
+		var err error
+		if t.Park {
+			msg, err = parked.NewMsg(out, t.Reason, 0, msgID)
+		} else {
+			msg, err = deliverMsg(out, msgID)
+		}
+		if err != nil {
+			return err
+		}
+		f, err := r.js.PublishMsgAsync(msg)
+		if err != nil {
+			return fmt.Errorf("publish %s: %w", msg.Subject, err)
+		}
+		futures = append(futures, f)
+	}
+	var firstErr error
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			if firstErr == nil {
+				firstErr = fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
+			}
+		case <-ctx.Done():
+			if firstErr == nil {
+				firstErr = fmt.Errorf("publish %s: %w", f.Msg().Subject, ctx.Err())
+			}
+		}
+	}
+	return firstErr
+}
+
+func deliverMsg(b *eventv1.Batch, msgID string) (*nats.Msg, error) {
+	subj, err := subject.Deliver(b.GetDestinationId())
+	if err != nil {
+		return nil, err
+	}
+	data, err := proto.Marshal(b)
+	if err != nil {
+		return nil, err
+	}
+	m := nats.NewMsg(subj)
+	m.Data = data
+	m.Header.Set(jetstream.MsgIDHeader, msgID)
+	return m, nil
+}
+
+// retryLater hands the batch back with a growing delay. A full DELIVERY or
+// PARKED stream ends up here: routing waits (and alarms) instead of dropping.
+func (r *Router) retryLater(m jetstream.Msg, err error) {
+	n := uint64(1)
+	if md, merr := m.Metadata(); merr == nil {
+		n = md.NumDelivered
+	}
+	delay := min(100*time.Millisecond<<min(n, 7), 10*time.Second)
+	if stream.IsFull(err) {
+		r.metrics.full.Inc()
+		r.log.Error("destination stream full; routing waits", "err", err, "retry_in", delay)
+	} else {
+		r.log.Warn("routing failed; will retry", "err", err, "retry_in", delay)
+	}
+	r.metrics.batches.WithLabelValues("retry").Inc()
+	if nerr := m.NakWithDelay(delay); nerr != nil {
+		r.log.Warn("nak", "err", nerr)
+	}
+}
+
+func (r *Router) watchLag(ctx context.Context, cons jetstream.Consumer) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			info, err := cons.Info(ictx)
+			cancel()
+			if err == nil {
+				r.metrics.pending.Set(float64(info.NumPending))
+				r.metrics.ackPending.Set(float64(info.NumAckPending))
+			}
+		}
+	}
+}

@@ -1,0 +1,42 @@
+package fanout
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	batches     *prometheus.CounterVec
+	impressions *prometheus.CounterVec
+	latency     prometheus.Histogram
+	full        prometheus.Counter
+	pending     prometheus.Gauge
+	ackPending  prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		batches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_router_batches_total", Help: "Accepted batches handled, by result (routed, retry, corrupt).",
+		}, []string{"result"}),
+		impressions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_router_impressions_total", Help: "Impressions routed, by destination and action (deliver, park).",
+		}, []string{"destination", "action"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "bulkhead_router_route_seconds", Help: "Time to route one batch (all outputs stored).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		full: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_router_stream_full_total", Help: "Routing attempts refused because DELIVERY or PARKED was full (alarm).",
+		}),
+		pending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_router_consumer_pending", Help: "Accepted batches not yet pulled by any router (lag).",
+		}),
+		ackPending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_router_consumer_ack_pending", Help: "Batches pulled but not yet acknowledged.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.batches, m.impressions, m.latency, m.full, m.pending, m.ackPending} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,136 @@
+// Package router wires the router service: it fans accepted impressions out
+// to destinations, enforces quarantine by parking, and replays parked
+// backlogs on recovery. main and the dev stack both start it through Run.
+package router
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/pkg/conf"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/obs"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/services/router/internal/fanout"
+	"github.com/bulkhead-io/bulkhead/services/router/internal/recovery"
+)
+
+// EnvPrefix prefixes the environment variables of this service.
+const EnvPrefix = "BULKHEAD_ROUTER"
+
+// Config is the router's configuration.
+type Config struct {
+	service.Base
+	Fanout   fanout.Config
+	Recovery recovery.Config
+}
+
+// Flags registers the configuration's flags on fs and returns it with defaults.
+func Flags(fs *flag.FlagSet) *Config {
+	c := &Config{}
+	c.Base.RegisterFlags(fs, "router", "127.0.0.1:7411")
+	fs.IntVar(&c.Fanout.Workers, "workers", 32, "batches routed concurrently")
+	fs.DurationVar(&c.Fanout.AckWait, "ack-wait", 30*time.Second, "redelivery timeout of an unacknowledged batch")
+	fs.IntVar(&c.Fanout.MaxAckPending, "max-ack-pending", 4096, "batches in flight across all router replicas")
+	fs.DurationVar(&c.Fanout.PublishTimeout, "publish-timeout", 10*time.Second, "bound on storing a batch's outputs")
+	fs.Float64Var(&c.Recovery.Rate, "replay-rate", 50, "starting replay rate, batches per second")
+	fs.Float64Var(&c.Recovery.MaxRate, "replay-max-rate", 2000, "replay rate ceiling, batches per second")
+	fs.DurationVar(&c.Recovery.RampEvery, "replay-ramp", time.Second, "the replay rate doubles at this interval")
+	fs.StringVar(&c.Recovery.Holder, "replica-id", service.ReplicaID(), "this replica's name in replay leases")
+	return c
+}
+
+// ParseConfig reads flags and BULKHEAD_ROUTER_* variables.
+func ParseConfig(args []string) (*Config, error) {
+	fs := flag.NewFlagSet("router", flag.ContinueOnError)
+	c := Flags(fs)
+	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
+		return nil, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	if err := c.Base.Validate(); err != nil {
+		return err
+	}
+	switch {
+	case c.Fanout.Workers < 1 || c.Fanout.Workers > 1024:
+		return errors.New("workers: want 1 to 1024")
+	case c.Fanout.AckWait < time.Second:
+		return errors.New("ack-wait: want at least 1s")
+	case c.Fanout.MaxAckPending < c.Fanout.Workers:
+		return errors.New("max-ack-pending must be at least workers")
+	case c.Fanout.PublishTimeout <= 0 || c.Fanout.PublishTimeout >= c.Fanout.AckWait:
+		return errors.New("publish-timeout: want positive and below ack-wait")
+	case c.Recovery.Rate <= 0 || c.Recovery.MaxRate < c.Recovery.Rate:
+		return errors.New("replay-rate must be positive and at most replay-max-rate")
+	case c.Recovery.Holder == "":
+		return errors.New("replica-id is required")
+	}
+	return nil
+}
+
+// Main opens the configured metrics listener and runs until ctx ends.
+func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+	m, err := service.Listen(c.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	return Run(ctx, c, log, m)
+}
+
+// Run runs the router until ctx ends, then finishes the batches in flight and
+// drains NATS. metrics may be nil.
+func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener) error {
+	log.Info("starting router", "config", c.Base, "workers", c.Fanout.Workers, "replica", c.Recovery.Holder)
+
+	// Dependencies.
+	nc, js, err := c.Base.Connect(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer service.Drain(nc, c.ShutdownTimeout, log)
+	reg := obs.NewRegistry()
+	rec, err := recovery.New(ctx, js, c.Recovery, log, reg)
+	if err != nil {
+		return err
+	}
+	dests, err := registry.Watch(ctx, js, log, rec.OnChange)
+	if err != nil {
+		return err
+	}
+	fo, err := fanout.New(js, dests, c.Fanout, log, reg)
+	if err != nil {
+		return err
+	}
+
+	// Components.
+	comps := []service.Component{
+		{Name: "fanout", Run: fo.Run},
+		{Name: "recovery", Run: func(ctx context.Context) error {
+			var recovering []string
+			for _, d := range dests.Destinations() {
+				if dests.State(d.GetId()) == eventv1.State_STATE_RECOVERING {
+					recovering = append(recovering, d.GetId())
+				}
+			}
+			rec.Start(ctx, dests.State, recovering)
+			<-ctx.Done()
+			rec.Wait()
+			return nil
+		}},
+	}
+	if metrics != nil {
+		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
+		log.Info("router metrics", "addr", metrics.Addr().String())
+	}
+	log.Info("router running", "destinations", len(dests.Destinations()))
+	return service.Run(ctx, comps...)
+}
