@@ -148,9 +148,10 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	}
 	gs, err := grpcserver.New(grpcserver.Options{
 		Log: log, Registry: reg, Auth: srv.Authenticate,
-		// Room for a full batch plus envelope; the batch limit itself is
-		// enforced with a clear InvalidArgument by the handler.
-		MaxRecvMsgSize: c.MaxBatchBytes + 64<<10,
+		// Room for batches well over the limit, so the handler can refuse
+		// them with a clear InvalidArgument naming the limit; only grossly
+		// oversized messages meet gRPC's own ResourceExhausted.
+		MaxRecvMsgSize: 4 * c.MaxBatchBytes,
 	})
 	if err != nil {
 		return err

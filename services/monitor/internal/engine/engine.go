@@ -21,9 +21,9 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/audit"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/audit"
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
@@ -57,7 +57,7 @@ type Engine struct {
 	statsMu sync.Mutex
 	windows map[string]*health.Window
 
-	mu      sync.Mutex
+	mu          sync.Mutex
 	machine     *health.Machine // non-nil only while this replica leads
 	stopLeading context.CancelFunc
 	leaders     sync.WaitGroup

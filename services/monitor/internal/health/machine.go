@@ -41,7 +41,9 @@ const decidedByPolicy = "policy"
 // Every transition returns a new eventv1.Decision whose revision is the
 // previous one plus one; the caller stores and publishes it. A destination
 // never decided on is HEALTHY at revision 0. Decisions returned are the
-// caller's to keep: the Machine holds no reference to them.
+// caller's to keep: the Machine holds no reference to them. On RECOVERING and
+// HEALTHY decisions, probe_failures is the flap memory described at
+// Policy.FlapCooldown, so it survives a failover through Load.
 //
 // A Machine never reads the clock. It is safe for concurrent use.
 type Machine struct {
@@ -90,7 +92,8 @@ type trip struct {
 
 // New returns a Machine applying p, or an error wrapping ErrInvalidPolicy.
 // jitter returns values in [0, 1) that spread probe times; nil means
-// math/rand/v2's Float64.
+// math/rand/v2's Float64. It is only called with the Machine's lock held, so
+// it need not be safe for concurrent use.
 func New(p Policy, jitter func() float64) (*Machine, error) {
 	if err := p.Validate(); err != nil {
 		return nil, fmt.Errorf("new health machine: %w", err)
@@ -110,7 +113,9 @@ func New(p Policy, jitter func() float64) (*Machine, error) {
 // decisions it causes, nil almost always. Only a HEALTHY or RECOVERING
 // destination is quarantined; for the others the outcome only feeds the
 // statistics. When the trip completes a failure domain's quota, the decisions
-// for the rest of the domain follow the first one, ordered by destination.
+// for the rest of the domain follow the first one, ordered by destination;
+// while the domain stays tripped, a HEALTHY member's first failure (429s and
+// permanent 4xx excepted) quarantines it at once.
 //
 // The attempt's time is o.At, or now when o.At is unset or later than now.
 // Outcomes older than the window, or finished before the destination
@@ -145,7 +150,7 @@ func (m *Machine) Observe(o *eventv1.Outcome, now time.Time) []*eventv1.Decision
 		// A success cannot make any rule trip.
 		return nil
 	}
-	if dom, ok := m.heldDomain(d, now); ok && failureClass(o.GetErrorClass()) {
+	if dom, ok := m.heldDomain(d, now); ok && d.state == eventv1.State_STATE_HEALTHY && failureClass(o.GetErrorClass()) {
 		reason := fmt.Sprintf("failure domain %s tripped %v ago", d.domain, now.Sub(dom.trippedAt).Round(time.Second))
 		return []*eventv1.Decision{m.quarantine(d, reason, d.domain, now)}
 	}

@@ -165,9 +165,9 @@ func (w *Window) Reset() {
 	w.throttledSince, w.lastThrottled, w.retryAfter = time.Time{}, time.Time{}, 0
 }
 
-// Add records the outcome of an attempt that finished at at. Outcomes older
-// than the span before the newest one recorded are dropped. Runs follow the
-// order of Add calls.
+// Add records the outcome of an attempt that finished at at. An outcome a
+// span or more older than outcomes already recorded may be dropped, as its
+// bucket was reused. Runs follow the order of Add calls.
 func (w *Window) Add(o *eventv1.Outcome, at time.Time) {
 	idx := floorDiv(at.UnixNano(), w.width)
 	b := w.bucket(idx)
