@@ -17,10 +17,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/bulkhead-io/bulkhead/e2e/internal/stack"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/e2e/internal/stack"
 )
 
 func TestMain(m *testing.M) {

@@ -115,7 +115,7 @@ func Start(opts Options) (*Stack, error) {
 		Deliverer: parse(deliverer.Flags, map[string]string{"nats-url": url, "metrics-addr": "", "allow-nets": allow,
 			"retry-base": "100ms", "retry-max": "2s"}),
 		Monitor: parse(monitor.Flags, map[string]string{"nats-url": url, "metrics-addr": "", "allow-nets": allow,
-			"admin-tokens": "admin:" + AdminToken + ":operator,viewer:" + ViewerToken + ":read",
+			"admin-tokens":    "admin:" + AdminToken + ":operator,viewer:" + ViewerToken + ":read",
 			"request-timeout": "2s", "probe-initial": "500ms", "probe-max": "4s"}),
 	}
 	if opts.Tune != nil {
@@ -148,7 +148,9 @@ func Start(opts Options) (*Stack, error) {
 			return monitor.Run(ctx, &mc, log.With("service", mc.Engine.Holder), monitor.Listeners{Admin: lis})
 		})
 	}
-	s.start("router", func(ctx context.Context) error { return router.Run(ctx, cfgs.Router, log.With("service", "router"), nil) })
+	s.start("router", func(ctx context.Context) error {
+		return router.Run(ctx, cfgs.Router, log.With("service", "router"), nil)
+	})
 	s.start("deliverer", func(ctx context.Context) error {
 		return deliverer.Run(ctx, cfgs.Deliverer, log.With("service", "deliverer"), nil)
 	})
