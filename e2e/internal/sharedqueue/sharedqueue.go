@@ -7,10 +7,6 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +19,7 @@ import (
 	"time"
 
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
 // Model states exactly what this package models and what it leaves out. The
@@ -108,8 +105,8 @@ type Options struct {
 	// Secret is the raw HMAC key for webhook-signature; nil sends no
 	// signature.
 	Secret []byte
-	// Encode turns a batch into the POST body. Nil uses EncodeJSON; set it to
-	// the deliverer's encoder to send byte-identical bodies.
+	// Encode turns a batch into the POST body. Nil uses webhook.EncodeBody,
+	// the deliverer's encoder, so both systems send byte-identical bodies.
 	Encode func([]*ingestv1.Impression) ([]byte, error)
 }
 
@@ -137,7 +134,7 @@ func (o Options) withDefaults() (Options, error) {
 		o.MaxBatch = DefaultMaxBatch
 	}
 	if o.Encode == nil {
-		o.Encode = EncodeJSON
+		o.Encode = webhook.EncodeBody
 	}
 	return o, nil
 }
@@ -516,15 +513,16 @@ func (q *Queue) send(ctx context.Context, t *task) error {
 	if err != nil {
 		return fmt.Errorf("post %s: %w", t.dest, err)
 	}
-	ts := strconv.FormatInt(time.Now().Unix(), 10)
+	now := time.Now()
 	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("webhook-id", t.id)
-	req.Header.Set("webhook-timestamp", ts)
+	req.Header.Set(webhook.HeaderID, t.id)
+	req.Header.Set(webhook.HeaderTimestamp, strconv.FormatInt(now.Unix(), 10))
 	if q.opts.Gzip {
 		req.Header.Set("Content-Encoding", "gzip")
 	}
 	if q.opts.Secret != nil {
-		req.Header.Set("webhook-signature", sign(q.opts.Secret, t.id, ts, t.body))
+		// The same Standard Webhooks signing code as the deliverer.
+		req.Header.Set(webhook.HeaderSignature, webhook.Sign(q.opts.Secret, t.id, now, t.body))
 	}
 	resp, err := q.client.Do(req)
 	if err != nil {
@@ -537,18 +535,6 @@ func (q *Queue) send(ctx context.Context, t *task) error {
 		return fmt.Errorf("post %s: %w", t.dest, &statusError{resp.StatusCode})
 	}
 	return nil
-}
-
-// sign returns the Standard Webhooks signature header value:
-// "v1,<base64 HMAC-SHA256 of id.timestamp.body>".
-func sign(secret []byte, id, ts string, body []byte) string {
-	m := hmac.New(sha256.New, secret)
-	m.Write([]byte(id))
-	m.Write([]byte{'.'})
-	m.Write([]byte(ts))
-	m.Write([]byte{'.'})
-	m.Write(body)
-	return "v1," + base64.StdEncoding.EncodeToString(m.Sum(nil))
 }
 
 // Stats returns a snapshot of the counters.
@@ -599,53 +585,4 @@ func (q *Queue) Close() {
 	q.cancel()
 	q.wg.Wait()
 	q.tr.CloseIdleConnections()
-}
-
-// wireImpression is one element of the webhook body, in the platform's
-// outgoing impressions webhook format.
-type wireImpression struct {
-	Key                string `json:"key"`
-	Split              string `json:"split"`
-	EnvironmentID      string `json:"environmentId"`
-	EnvironmentName    string `json:"environmentName"`
-	Treatment          string `json:"treatment"`
-	Time               int64  `json:"time"`
-	BucketingKey       string `json:"bucketingKey"`
-	Label              string `json:"label"`
-	MachineName        string `json:"machineName"`
-	MachineIP          string `json:"machineIp"`
-	SplitVersionNumber int64  `json:"splitVersionNumber"`
-	SDK                string `json:"sdk"`
-	SDKVersion         string `json:"sdkVersion"`
-	Properties         string `json:"properties"`
-}
-
-// EncodeJSON encodes a batch as the webhook body: a JSON array of flat
-// impression objects with the platform's field names. It is the default
-// Options.Encode, for use until the deliverer's encoder can be passed in.
-func EncodeJSON(batch []*ingestv1.Impression) ([]byte, error) {
-	out := make([]wireImpression, len(batch))
-	for i, im := range batch {
-		out[i] = wireImpression{
-			Key:                im.GetKey(),
-			Split:              im.GetSplit(),
-			EnvironmentID:      im.GetEnvironmentId(),
-			EnvironmentName:    im.GetEnvironmentName(),
-			Treatment:          im.GetTreatment(),
-			Time:               im.GetTime(),
-			BucketingKey:       im.GetBucketingKey(),
-			Label:              im.GetLabel(),
-			MachineName:        im.GetMachineName(),
-			MachineIP:          im.GetMachineIp(),
-			SplitVersionNumber: im.GetSplitVersionNumber(),
-			SDK:                im.GetSdk(),
-			SDKVersion:         im.GetSdkVersion(),
-			Properties:         im.GetProperties(),
-		}
-	}
-	b, err := json.Marshal(out)
-	if err != nil {
-		return nil, fmt.Errorf("encode impressions: %w", err)
-	}
-	return b, nil
 }

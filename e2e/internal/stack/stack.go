@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
@@ -157,7 +158,37 @@ func Start(opts Options) (*Stack, error) {
 	s.start("ingest", func(ctx context.Context) error {
 		return ingest.Run(ctx, cfgs.Ingest, log.With("service", "ingest"), ingest.Listeners{GRPC: ingLis})
 	})
+	if err := s.waitServing(append([]string{s.IngestAddr}, s.AdminAddrs...)); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// waitServing polls the standard health service of each address until it
+// answers SERVING: the service has connected, created its streams and serves.
+func (s *Stack) waitServing(addrs []string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for _, addr := range addrs {
+		conn, err := s.Dial(addr)
+		if err != nil {
+			return err
+		}
+		hc := healthpb.NewHealthClient(conn)
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+			cancel()
+			if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("stack: %s not serving after 30s: %v", addr, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 func (s *Stack) start(name string, run func(context.Context) error) {

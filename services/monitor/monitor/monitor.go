@@ -59,6 +59,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.DurationVar(&e.Window, "window", p.Window, "sliding window span")
 	fs.DurationVar(&e.ProbeInitial, "probe-initial", p.ProbeInitial, "wait from quarantine to the first probe")
 	fs.DurationVar(&e.ProbeMax, "probe-max", p.ProbeMax, "ceiling of the doubling probe backoff")
+	fs.DurationVar(&e.ProbeTimeout, "probe-timeout", p.ProbeTimeout, "a probe without result this long counts as failed (e.g. its monitor died)")
 	fs.BoolVar(&e.Domain.Enabled, "failure-domains", p.Domain.Enabled, "quarantine a failure domain (host, /24) as a whole when several of its destinations fail together")
 	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
 	fs.StringVar(&c.Engine.Holder, "replica-id", service.ReplicaID(), "this replica's name in the leadership lease")
