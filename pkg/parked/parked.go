@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -166,8 +167,12 @@ func Delete(ctx context.Context, js jetstream.JetStream, seq uint64) error {
 		return err
 	}
 	err = s.DeleteMsg(ctx, seq)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		// Another replica replayed it first; it is gone either way.
+	// Another replica replayed it first; it is gone either way. The server
+	// answers a delete of a missing message with "no message found" (10057),
+	// which the client reports as ErrMsgDeleteUnsuccessful with the
+	// description as text only.
+	if errors.Is(err, jetstream.ErrMsgNotFound) ||
+		errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) && strings.Contains(err.Error(), "no message found") {
 		return nil
 	}
 	return err

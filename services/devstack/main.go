@@ -16,6 +16,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
@@ -112,6 +115,9 @@ func run(ctx context.Context, log *slog.Logger, dataDir, host string, port int) 
 		}},
 		service.Component{Name: "ingest", Run: func(ctx context.Context) error { return ingest.Main(ctx, ing, log.With("service", "ingest")) }},
 		service.Component{Name: "banner", Run: func(ctx context.Context) error {
+			if err := waitServing(ctx, ing.GRPCAddr, mon.AdminAddr); err != nil {
+				return nil // shutting down before the services came up
+			}
 			log.Info("bulkhead is up", "ingest_grpc", ing.GRPCAddr, "admin_grpc", mon.AdminAddr, "nats", url,
 				"api_key", "dev-key (tenant demo)", "admin_token", "dev-admin (operator), dev-viewer (read)")
 			<-ctx.Done()
@@ -143,6 +149,34 @@ func configure[C any](flags func(*flag.FlagSet) *C, prefix, natsURL string, defa
 		return nil, err
 	}
 	return c, nil
+}
+
+// waitServing polls the standard health service of each address until it
+// answers SERVING, so the banner appears only when the stack can be used.
+func waitServing(ctx context.Context, addrs ...string) error {
+	for _, addr := range addrs {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return err
+		}
+		hc := healthpb.NewHealthClient(conn)
+		for {
+			cctx, cancel := context.WithTimeout(ctx, time.Second)
+			resp, err := hc.Check(cctx, &healthpb.HealthCheckRequest{})
+			cancel()
+			if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				_ = conn.Close()
+				return ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		_ = conn.Close()
+	}
+	return nil
 }
 
 // natsLogger sends the embedded server's notices and errors to slog.

@@ -31,9 +31,10 @@ type ClassLatency struct {
 }
 
 // PhaseLatency is one class's latency in one phase. The ratios divide this
-// phase's percentile by the same class's in the baseline phase (0 when the
-// baseline has no samples); a healthy destination's P99Ratio near 1 in the
-// outage phase is what isolation means.
+// phase's percentile by the same class's in the baseline: the baseline phase
+// of the same system (Recorder.Latencies), or, after RatiosTo, the same phase
+// of the baseline system (0 when the baseline has no samples); a healthy
+// destination's P99Ratio near 1 in the outage phase is what isolation means.
 type PhaseLatency struct {
 	Phase string `json:"phase"`
 	Class Class  `json:"class"`
@@ -121,11 +122,43 @@ type Result struct {
 	Params map[string]string `json:"params,omitempty"`
 	// Phases in order; Baseline names the one ratios are taken against.
 	Phases   []Phase `json:"phases"`
-	Baseline string  `json:"baseline_phase"`
+	Baseline string  `json:"baseline_phase,omitempty"`
+	// BaselineSystem, when set, names the system the ratios are taken
+	// against (see RatiosTo) instead of a baseline phase.
+	BaselineSystem string `json:"baseline_system,omitempty"`
 	// Systems in report order.
 	Systems []SystemResult `json:"systems"`
 	// Notes are printed verbatim at the end (e.g. sharedqueue.Model).
 	Notes []string `json:"notes,omitempty"`
+}
+
+// RatiosTo sets the ratios of every system's phases to the same phase ×
+// class of the system named baseline (the run without failures), so each
+// phase is compared with the same seconds of an undisturbed run. Phases the
+// baseline lacks get ratio 0.
+func RatiosTo(systems []SystemResult, baseline string) {
+	type key struct {
+		phase string
+		class Class
+	}
+	base := map[key]Latency{}
+	for _, s := range systems {
+		if s.Name == baseline {
+			for _, pl := range s.Phases {
+				base[key{pl.Phase, pl.Class}] = pl.Latency
+			}
+		}
+	}
+	for si := range systems {
+		for pi := range systems[si].Phases {
+			pl := &systems[si].Phases[pi]
+			b, ok := base[key{pl.Phase, pl.Class}]
+			pl.P50Ratio, pl.P99Ratio = 0, 0
+			if ok {
+				pl.P50Ratio, pl.P99Ratio = ratio(pl.P50Ms, b.P50Ms), ratio(pl.P99Ms, b.P99Ms)
+			}
+		}
+	}
 }
 
 // WriteJSON writes r to path as indented JSON.
@@ -151,7 +184,11 @@ func WriteMarkdown(w io.Writer, r Result) error {
 	if !r.Started.IsZero() {
 		p("Started %s, ran %s. ", r.Started.UTC().Format(time.RFC3339), fmtSeconds(r.DurationSec))
 	}
-	p("%d destinations, %d of them failing.\n\n", r.Destinations, r.FailingDestinations)
+	p("%d destinations, %d of them failing.", r.Destinations, r.FailingDestinations)
+	if r.BaselineSystem != "" {
+		p(" Latency ratios compare each phase with the same phase of the %s run.", cell(r.BaselineSystem))
+	}
+	p("\n\n")
 	if len(r.Phases) > 0 {
 		p("| phase | from | to |\n|---|---:|---:|\n")
 		for _, ph := range r.Phases {

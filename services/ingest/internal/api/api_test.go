@@ -1,0 +1,419 @@
+package api_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
+	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
+	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const (
+	keyT1 = "key-of-t1"
+	keyT2 = "key-of-t2"
+)
+
+type fixture struct {
+	js     jetstream.JetStream
+	client ingestv1.IngestServiceClient
+	ctx    context.Context // carries t1's key
+}
+
+// start serves IngestService over bufconn with the real interceptor chain,
+// publishing to a real JetStream whose streams are sized by sl.
+func start(t *testing.T, lim api.Limits, sl stream.Limits) *fixture {
+	t.Helper()
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	if err := stream.Ensure(ctx, js, sl); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := keys.Parse([]string{keyT1 + "=t1", keyT2 + "=t2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lim.PublishTimeout == 0 {
+		lim.PublishTimeout = 10 * time.Second
+	}
+	if lim.MaxBatchBytes == 0 {
+		lim.MaxBatchBytes = 1 << 20
+	}
+	srv, err := api.New(js, ks, lim, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := grpctest.Start(t, grpcserver.Options{Auth: srv.Authenticate, MaxRecvMsgSize: 4 * lim.MaxBatchBytes},
+		func(s *grpc.Server) { ingestv1.RegisterIngestServiceServer(s, srv) })
+	return &fixture{js: js, client: ingestv1.NewIngestServiceClient(conn), ctx: grpctest.WithToken(ctx, keyT1)}
+}
+
+func impressions(n int, props string) []*ingestv1.Impression {
+	out := make([]*ingestv1.Impression, n)
+	for i := range out {
+		out[i] = &ingestv1.Impression{
+			Key: fmt.Sprintf("user-%d", i), Split: "new_checkout", EnvironmentId: "env-1", Treatment: "on",
+			Time: 1700000000000 + int64(i), Label: "default rule", Properties: props,
+		}
+	}
+	return out
+}
+
+// stored returns the batches stored on imp.in.<tenant>, in order.
+func (f *fixture) stored(t *testing.T, tenant string) []*eventv1.Batch {
+	t.Helper()
+	subj, _ := subject.In(tenant)
+	s, err := f.js.Stream(context.Background(), subject.StreamImpressions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*eventv1.Batch
+	for seq := uint64(1); ; {
+		m, err := s.GetMsg(context.Background(), seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b eventv1.Batch
+		if err := proto.Unmarshal(m.Data, &b); err != nil {
+			t.Fatalf("stored message is not a Batch: %v", err)
+		}
+		out = append(out, &b)
+		seq = m.Sequence + 1
+	}
+}
+
+func TestSubmitStoresOneBatch(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{})
+	imps := impressions(3, "{}")
+	resp, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: imps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetAccepted() != 3 || resp.GetDuplicate() || resp.GetBatchId() == "" {
+		t.Errorf("response = %v", resp)
+	}
+	got := f.stored(t, "t1")
+	if len(got) != 1 {
+		t.Fatalf("stored %d batches on imp.in.t1, want 1", len(got))
+	}
+	b := got[0]
+	if b.GetBatchId() != resp.GetBatchId() || b.GetTenantId() != "t1" || b.GetAcceptedAt() == nil || b.GetDestinationId() != "" {
+		t.Errorf("stored batch header = %v", b)
+	}
+	if len(b.GetImpressions()) != 3 {
+		t.Fatalf("stored %d impressions, want 3", len(b.GetImpressions()))
+	}
+	for i := range imps {
+		if !proto.Equal(b.GetImpressions()[i], imps[i]) {
+			t.Errorf("impression %d = %v, want %v", i, b.GetImpressions()[i], imps[i])
+		}
+	}
+	if n := len(f.stored(t, "t2")); n != 0 {
+		t.Errorf("t1's batch landed on t2's subject too (%d)", n)
+	}
+}
+
+func TestIdempotencyKeyDedupes(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{})
+	req := &ingestv1.SubmitRequest{Impressions: impressions(2, ""), IdempotencyKey: "retry-1"}
+	first, err := f.client.Submit(f.ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := f.client.Submit(f.ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.GetDuplicate() || !second.GetDuplicate() {
+		t.Errorf("duplicate flags = %v, %v; want false, true", first.GetDuplicate(), second.GetDuplicate())
+	}
+	if first.GetBatchId() != second.GetBatchId() {
+		t.Errorf("batch ids differ: %s, %s", first.GetBatchId(), second.GetBatchId())
+	}
+	if n := len(f.stored(t, "t1")); n != 1 {
+		t.Errorf("stored %d batches, want 1", n)
+	}
+
+	// Keys are per tenant: t2 using the same key is a different batch.
+	other, err := f.client.Submit(grpctest.WithToken(context.Background(), keyT2), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other.GetDuplicate() || other.GetBatchId() == first.GetBatchId() {
+		t.Errorf("t2's batch with t1's key = %v", other)
+	}
+	// Without a key every submission is its own batch.
+	for range 2 {
+		if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(f.stored(t, "t1")); n != 3 {
+		t.Errorf("stored %d batches, want 3", n)
+	}
+}
+
+func TestOversizedBatchIsInvalid(t *testing.T) {
+	f := start(t, api.Limits{MaxBatchBytes: 2048}, stream.Limits{})
+	big := `{"blob":"` + strings.Repeat("x", 1500) + `"}`
+	_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(2, big)})
+	st := status.Convert(err)
+	if st.Code() != codes.InvalidArgument {
+		t.Fatalf("Submit = %v, want InvalidArgument", err)
+	}
+	var violation *errdetails.BadRequest_FieldViolation
+	for _, d := range st.Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok && len(br.GetFieldViolations()) > 0 {
+			violation = br.GetFieldViolations()[0]
+		}
+	}
+	if violation == nil || violation.GetField() != "impressions" || !strings.Contains(violation.GetDescription(), "2048") {
+		t.Errorf("details = %v, want a BadRequest violation on impressions naming the limit", st.Details())
+	}
+	if n := len(f.stored(t, "t1")); n != 0 {
+		t.Errorf("stored %d batches, want 0", n)
+	}
+	// A batch under the limit still goes through.
+	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err != nil {
+		t.Errorf("small batch: %v", err)
+	}
+}
+
+func retryDelay(err error) time.Duration {
+	for _, d := range status.Convert(err).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			return ri.GetRetryDelay().AsDuration()
+		}
+	}
+	return -1
+}
+
+func TestTenantRateLimit(t *testing.T) {
+	f := start(t, api.Limits{TenantRate: 1, TenantBurst: 5}, stream.Limits{})
+	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(5, "")}); err != nil {
+		t.Fatalf("within the burst: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		n    int
+	}{
+		{"over the rate", 1},
+		{"bigger than the burst", 6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(tc.n, "")})
+			if status.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("Submit = %v, want ResourceExhausted", err)
+			}
+			if d := retryDelay(err); d <= 0 {
+				t.Errorf("RetryInfo delay = %v, want > 0", d)
+			}
+		})
+	}
+	if n := len(f.stored(t, "t1")); n != 1 {
+		t.Errorf("stored %d batches, want 1", n)
+	}
+	// Limits are per tenant.
+	if _, err := f.client.Submit(grpctest.WithToken(context.Background(), keyT2), &ingestv1.SubmitRequest{Impressions: impressions(5, "")}); err != nil {
+		t.Errorf("t2 limited by t1's traffic: %v", err)
+	}
+}
+
+func TestFullStreamRefusesAndStoresNothing(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{ImpressionsMaxBytes: 2048})
+	req := func() *ingestv1.SubmitRequest {
+		return &ingestv1.SubmitRequest{Impressions: impressions(2, `{"pad":"`+strings.Repeat("p", 200)+`"}`)}
+	}
+	accepted := 0
+	var err error
+	for range 50 {
+		if _, err = f.client.Submit(f.ctx, req()); err != nil {
+			break
+		}
+		accepted++
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("after %d batches: %v, want ResourceExhausted", accepted, err)
+	}
+	if d := retryDelay(err); d <= 0 {
+		t.Errorf("RetryInfo delay = %v, want > 0", d)
+	}
+	if accepted == 0 {
+		t.Fatal("the stream refused even the first batch; the test's sizes are off")
+	}
+	// An OK answer means stored; a refusal means nothing was stored.
+	if n := len(f.stored(t, "t1")); n != accepted {
+		t.Errorf("stored %d batches, answered OK %d times", n, accepted)
+	}
+
+	t.Run("stream", func(t *testing.T) {
+		st, err := f.client.SubmitStream(f.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(&ingestv1.SubmitStreamRequest{Batch: req(), Sequence: 1}); err != nil {
+			t.Fatal(err)
+		}
+		_ = st.CloseSend()
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if codes.Code(resp.GetErrorCode()) != codes.ResourceExhausted || resp.GetResult() != nil {
+			t.Errorf("response = %v, want ResourceExhausted", resp)
+		}
+		if _, err := st.Recv(); !errors.Is(err, io.EOF) {
+			t.Errorf("stream end = %v, want EOF", err)
+		}
+		if n := len(f.stored(t, "t1")); n != accepted {
+			t.Errorf("stored %d batches, answered OK %d times", n, accepted)
+		}
+	})
+}
+
+func TestSubmitStreamAnswersInOrder(t *testing.T) {
+	f := start(t, api.Limits{MaxBatchBytes: 4096}, stream.Limits{})
+	st, err := f.client.SubmitStream(f.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := `{"blob":"` + strings.Repeat("x", 5000) + `"}`
+	reqs := []*ingestv1.SubmitStreamRequest{
+		{Sequence: 1, Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, "")}},
+		{Sequence: 2, Batch: &ingestv1.SubmitRequest{Impressions: impressions(2, ""), IdempotencyKey: "k2"}},
+		{Sequence: 3, Batch: &ingestv1.SubmitRequest{}},                             // protovalidate: no impressions
+		{Sequence: 4, Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, big)}}, // over the byte limit
+		{Sequence: 5, Batch: &ingestv1.SubmitRequest{Impressions: impressions(2, ""), IdempotencyKey: "k2"}},
+		{Sequence: 6, Batch: &ingestv1.SubmitRequest{Impressions: impressions(3, "")}},
+	}
+	for _, r := range reqs {
+		if err := st.Send(r); err != nil {
+			t.Fatalf("send %d: %v", r.GetSequence(), err)
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	var resps []*ingestv1.SubmitStreamResponse
+	for {
+		r, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d answers: %v", len(resps), err)
+		}
+		resps = append(resps, r)
+	}
+	var seqs []uint64
+	for _, r := range resps {
+		seqs = append(seqs, r.GetSequence())
+	}
+	if !slices.Equal(seqs, []uint64{1, 2, 3, 4, 5, 6}) {
+		t.Fatalf("answered %v, want every batch in order", seqs)
+	}
+	for _, i := range []int{2, 3} {
+		if codes.Code(resps[i].GetErrorCode()) != codes.InvalidArgument || resps[i].GetResult() != nil || resps[i].GetErrorMessage() == "" {
+			t.Errorf("answer %d = %v, want InvalidArgument", i+1, resps[i])
+		}
+	}
+	for _, i := range []int{0, 1, 4, 5} {
+		if resps[i].GetErrorCode() != 0 || resps[i].GetResult().GetAccepted() != int32(len(reqs[i].GetBatch().GetImpressions())) {
+			t.Errorf("answer %d = %v, want stored", i+1, resps[i])
+		}
+	}
+	if resps[1].GetResult().GetDuplicate() || !resps[4].GetResult().GetDuplicate() {
+		t.Errorf("idempotency key not honoured on the stream: %v / %v", resps[1], resps[4])
+	}
+	var want, got []string
+	for _, i := range []int{0, 1, 5} {
+		want = append(want, resps[i].GetResult().GetBatchId())
+	}
+	for _, b := range f.stored(t, "t1") {
+		got = append(got, b.GetBatchId())
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("stored %v, want %v", got, want)
+	}
+}
+
+func TestSubmitStreamClientGoesAway(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{})
+	ctx, cancel := context.WithCancel(f.ctx)
+	st, err := f.client.SubmitStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if err := st.Send(&ingestv1.SubmitStreamRequest{Sequence: uint64(i), Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, "")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	// Abandon the stream mid-way; the handler and its reader must end
+	// (goleak checks) and the server keeps serving.
+	cancel()
+	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "")}); err != nil {
+		t.Fatalf("Submit after an abandoned stream: %v", err)
+	}
+}
+
+func TestAuthentication(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{})
+	req := &ingestv1.SubmitRequest{Impressions: impressions(1, "")}
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+	}{
+		{"no key", context.Background()},
+		{"unknown key", grpctest.WithToken(context.Background(), "not-a-key")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(tc.ctx, 10*time.Second)
+			defer cancel()
+			if _, err := f.client.Submit(ctx, req); status.Code(err) != codes.Unauthenticated {
+				t.Errorf("Submit = %v, want Unauthenticated", err)
+			}
+			st, err := f.client.SubmitStream(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Recv(); status.Code(err) != codes.Unauthenticated {
+				t.Errorf("SubmitStream = %v, want Unauthenticated", err)
+			}
+		})
+	}
+	if n := len(f.stored(t, "t1")); n != 0 {
+		t.Errorf("stored %d batches, want 0", n)
+	}
+}
