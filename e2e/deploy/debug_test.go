@@ -22,4 +22,8 @@ func TestDebugEnsure(t *testing.T) {
 		_, err := js.CreateOrUpdateStream(ctx, c)
 		t.Log(c.Name, err)
 	}
+	for _, c := range stream.Buckets(l) {
+		_, err := js.CreateOrUpdateKeyValue(ctx, c)
+		t.Log(c.Bucket, err)
+	}
 }

@@ -219,11 +219,17 @@ func (s *Stack) StopService(name string) error {
 	return <-p.done
 }
 
-// Close stops every service, then NATS.
-func (s *Stack) Close() {
+// CloseClients closes the client connections made with Dial.
+func (s *Stack) CloseClients() {
 	for _, c := range s.conns {
 		_ = c.Close()
 	}
+	s.conns = nil
+}
+
+// Close stops every service, then NATS.
+func (s *Stack) Close() {
+	s.CloseClients()
 	s.mu.Lock()
 	procs := s.procs
 	s.procs = map[string]*proc{}
