@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,18 +13,20 @@ import (
 
 func TestDebugEnsure(t *testing.T) {
 	urls := startCluster(t, &violationLog{})
-	nc := connect(t, urls, "ingest", nil)
-	js, _ := jetstream.New(nc)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	l := stream.DefaultLimits()
-	l.Replicas = 3
-	for _, c := range stream.Streams(l) {
-		_, err := js.CreateOrUpdateStream(ctx, c)
-		t.Log(c.Name, err)
+	var wg sync.WaitGroup
+	for _, u := range []string{"ops", "ops", "ops", "ops"} {
+		nc := connect(t, urls, u, nil)
+		js, _ := jetstream.New(nc)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+			defer cancel()
+			l := stream.DefaultLimits()
+			l.Replicas = 3
+			start := time.Now()
+			t.Log(u, stream.Ensure(ctx, js, l), time.Since(start))
+		}()
 	}
-	for _, c := range stream.Buckets(l) {
-		_, err := js.CreateOrUpdateKeyValue(ctx, c)
-		t.Log(c.Bucket, err)
-	}
+	wg.Wait()
 }

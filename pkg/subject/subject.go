@@ -83,3 +83,7 @@ func IDFrom(subj string) (string, error) {
 	}
 	return "", fmt.Errorf("subject %q: %w", subj, ErrInvalidID)
 }
+
+// DeliverConsumer is the durable consumer of a destination's batches on
+// DELIVERY, shared by every deliverer replica: deliver-<dest>.
+func DeliverConsumer(dest string) (string, error) { return build("deliver-", dest) }

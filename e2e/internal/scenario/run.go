@@ -179,6 +179,21 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 				}
 			}
 			log.Info("healed", "system", opts.System)
+			// What the outage parked, exported at the heal, before any
+			// probe can start a replay that empties PARKED again.
+			if p, ok := opts.Target.(Parker); ok {
+				for i, b := range failing {
+					if b == fleet.Healthy {
+						continue
+					}
+					pctx, pcancel := context.WithTimeout(watchCtx, 30*time.Second)
+					if err := p.Parked(pctx, i, func(key string) { tr.park(key) }); err != nil {
+						log.Warn("export parked at heal", "dest", i, "err", err)
+					}
+					pcancel()
+				}
+				log.Info("parked exported at heal", "system", opts.System, "took", time.Since(start.Add(cfg.HealAt())).Round(time.Millisecond))
+			}
 		})
 	}
 

@@ -53,6 +53,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.DurationVar(&d.Retry.Max, "retry-max", d.Retry.Max, "backoff ceiling")
 	fs.IntVar(&d.Retry.MaxAttempts, "retry-attempts", d.Retry.MaxAttempts, "attempts before a batch is parked")
 	fs.DurationVar(&d.Retry.MaxAge, "retry-max-age", d.Retry.MaxAge, "age after which a failing batch is parked")
+	fs.Float64Var(&d.RetryShare, "retry-share", 0.5, "share of the workers retries may occupy at once (the rest is kept for fresh traffic)")
 	fs.IntVar(&d.Defaults.MaxImpressions, "batch-max-impressions", 500, "default impressions per POST")
 	fs.IntVar(&d.Defaults.MaxBytes, "batch-max-bytes", d.Defaults.MaxBytes, "default body bytes per POST")
 	fs.DurationVar(&d.Defaults.Linger, "batch-linger", d.Defaults.Linger, "default wait for a partial batch")
@@ -94,6 +95,9 @@ func (c *Config) Validate() error {
 	}
 	if d.DefaultTimeout <= 0 || c.ConnectTimeout <= 0 {
 		return errors.New("request-timeout and connect-timeout must be positive")
+	}
+	if d.RetryShare <= 0 || d.RetryShare > 1 {
+		return errors.New("retry-share: want more than 0 and at most 1")
 	}
 	if d.AckWait < 3*time.Second {
 		return errors.New("ack-wait: want at least 3s")

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -41,6 +42,9 @@ type Config struct {
 	AckWait time.Duration
 	// MaxAckPending bounds the messages one destination holds unacknowledged.
 	MaxAckPending int
+	// RetryShare is the share of Workers that retries may occupy at once, so
+	// retries of failing destinations never crowd out fresh traffic.
+	RetryShare float64
 }
 
 // Deliverer is the running delivery engine.
@@ -52,6 +56,8 @@ type Deliverer struct {
 	metrics *metrics
 	sched   *schedule.Scheduler[*job]
 	reg     *registry.Registry
+	// retrying counts workers busy with a retry (see RetryShare).
+	retrying atomic.Int64
 
 	mu    sync.Mutex
 	lanes map[string]*lane

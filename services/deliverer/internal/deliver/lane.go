@@ -21,10 +21,6 @@ import (
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
 )
 
-// ConsumerPrefix names the durable consumer of a destination: deliver-<dest>.
-// Deliverer replicas share it.
-const ConsumerPrefix = "deliver-"
-
 // routed is one DELIVERY message with its decoded batch.
 type routed struct {
 	msg   jetstream.Msg
@@ -365,10 +361,11 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 		l.d.log.Error("destination id", "err", err)
 		return false
 	}
+	name, _ := subject.DeliverConsumer(l.id) // valid: Deliver checked the id
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		l.cons, err = l.d.js.CreateOrUpdateConsumer(cctx, subject.StreamDelivery, jetstream.ConsumerConfig{
-			Durable:       ConsumerPrefix + l.id,
+			Durable:       name,
 			Description:   "deliverers of destination " + l.id,
 			FilterSubject: subj,
 			AckPolicy:     jetstream.AckExplicitPolicy,
@@ -411,7 +408,8 @@ func (l *lane) remove(ctx context.Context) {
 	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := l.d.js.DeleteConsumer(dctx, subject.StreamDelivery, ConsumerPrefix+l.id); err != nil {
+	name, _ := subject.DeliverConsumer(l.id)
+	if err := l.d.js.DeleteConsumer(dctx, subject.StreamDelivery, name); err != nil {
 		l.d.log.Warn("delete consumer", "destination", l.id, "err", err)
 	}
 	l.d.log.Info("destination removed", "destination", l.id)

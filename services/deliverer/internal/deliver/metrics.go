@@ -7,18 +7,19 @@ import (
 )
 
 type metrics struct {
-	attempts      *prometheus.CounterVec
-	latency       *prometheus.HistogramVec
-	delivered     *prometheus.CounterVec
-	parked        *prometheus.CounterVec
-	retries       *prometheus.CounterVec
-	pending       *prometheus.GaugeVec
-	inflight      *prometheus.GaugeVec
-	capacity      *prometheus.GaugeVec
-	queued        *prometheus.GaugeVec
-	inflightTotal prometheus.Gauge
-	parkFailed    prometheus.Counter
-	outcomeLost   prometheus.Counter
+	attempts        *prometheus.CounterVec
+	latency         *prometheus.HistogramVec
+	delivered       *prometheus.CounterVec
+	parked          *prometheus.CounterVec
+	retries         *prometheus.CounterVec
+	retriesDeferred prometheus.Counter
+	pending         *prometheus.GaugeVec
+	inflight        *prometheus.GaugeVec
+	capacity        *prometheus.GaugeVec
+	queued          *prometheus.GaugeVec
+	inflightTotal   prometheus.Gauge
+	parkFailed      prometheus.Counter
+	outcomeLost     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -40,6 +41,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bulkhead_deliverer_retries_total", Help: "Batches scheduled for another attempt, by destination.",
 		}, dest),
+		retriesDeferred: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_retries_deferred_total", Help: "Retries held back because retries already used their share of the workers.",
+		}),
 		pending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "bulkhead_deliverer_pending", Help: "Batches waiting in DELIVERY not yet pulled (lag), by destination.",
 		}, dest),
@@ -62,7 +66,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "bulkhead_deliverer_outcomes_unpublished_total", Help: "Outcomes the monitor will not see.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.attempts, m.latency, m.delivered, m.parked, m.retries, m.pending,
+	for _, c := range []prometheus.Collector{m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
 		m.inflight, m.capacity, m.queued, m.inflightTotal, m.parkFailed, m.outcomeLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

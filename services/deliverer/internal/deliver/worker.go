@@ -32,7 +32,38 @@ func (d *Deliverer) work() {
 			d.sched.Done(t, schedule.Neutral)
 			continue
 		}
+		retry := j.attempt > 0
+		if retry && !d.takeRetrySlot() {
+			// Over the retry budget: fresh traffic keeps its share of the
+			// workers; this retry waits a little without holding one.
+			d.metrics.retriesDeferred.Inc()
+			d.sched.Done(t, schedule.Neutral)
+			time.AfterFunc(retryDeferral, func() { d.requeue(j) })
+			continue
+		}
 		d.sched.Done(t, d.attempt(j))
+		if retry {
+			d.retrying.Add(-1)
+		}
+	}
+}
+
+// retryDeferral is how long a retry over the budget waits before it is
+// offered to the scheduler again.
+const retryDeferral = 100 * time.Millisecond
+
+// takeRetrySlot reserves one of the workers retries may use at once:
+// RetryShare of the pool, at least one.
+func (d *Deliverer) takeRetrySlot() bool {
+	limit := max(1, int64(d.cfg.RetryShare*float64(d.cfg.Workers)))
+	for {
+		n := d.retrying.Load()
+		if n >= limit {
+			return false
+		}
+		if d.retrying.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
 }
 

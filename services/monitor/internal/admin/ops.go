@@ -224,27 +224,34 @@ func (s *Server) health(ctx context.Context, d *adminv1.Destination) (*adminv1.D
 	if !oldest.IsZero() {
 		h.OldestParked = timestamppb.New(oldest)
 	}
-	if h.PendingDelivery, err = pending(ctx, s.js, d.GetId()); err != nil {
+	if h.PendingDelivery, h.InFlight, err = pending(ctx, s.js, d.GetId()); err != nil {
 		return nil, unavailable(s.log, "delivery stats", err)
 	}
 	return h, nil
 }
 
-// pending counts a destination's batches waiting in DELIVERY.
-func pending(ctx context.Context, js jetstream.JetStream, id string) (int64, error) {
+// pending counts a destination's batches in DELIVERY, and of those the ones
+// deliverers hold (the destination's consumer's unacknowledged messages).
+func pending(ctx context.Context, js jetstream.JetStream, id string) (int64, int64, error) {
 	subj, err := subject.Deliver(id)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	st, err := js.Stream(ctx, subject.StreamDelivery)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subj))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return int64(info.State.Subjects[subj]), nil
+	var held int64
+	// The consumer may not exist yet for a destination no deliverer has seen.
+	name, _ := subject.DeliverConsumer(id)
+	if ci, err := js.Consumer(ctx, subject.StreamDelivery, name); err == nil {
+		held = int64(ci.CachedInfo().NumAckPending)
+	}
+	return int64(info.State.Subjects[subj]), held, nil
 }
 
 func toRange(r *adminv1.TimeRange) parked.Range {

@@ -767,8 +767,11 @@ type DestinationHealth struct {
 	LastSuccess *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_success,json=lastSuccess,proto3" json:"last_success,omitempty"`
 	// failures_by_class counts the window's failures by error class name.
 	FailuresByClass map[string]int64 `protobuf:"bytes,13,rep,name=failures_by_class,json=failuresByClass,proto3" json:"failures_by_class,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// in_flight is the number of batches deliverers hold for the destination
+	// (pulled, not yet acknowledged: being sent, queued or waiting to retry).
+	InFlight      int64 `protobuf:"varint,14,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DestinationHealth) Reset() {
@@ -890,6 +893,13 @@ func (x *DestinationHealth) GetFailuresByClass() map[string]int64 {
 		return x.FailuresByClass
 	}
 	return nil
+}
+
+func (x *DestinationHealth) GetInFlight() int64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
 }
 
 // GetDestinationHealthRequest names a destination.
@@ -2068,7 +2078,7 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	"\vdestination\x18\x01 \x01(\v2\x1e.bulkhead.admin.v1.DestinationR\vdestination\"H\n" +
 	"\x18DeleteDestinationRequest\x12,\n" +
 	"\x02id\x18\x01 \x01(\tB\x1c\xbaH\x19r\x172\x15^[A-Za-z0-9_-]{1,64}$R\x02id\"\x1b\n" +
-	"\x19DeleteDestinationResponse\"\xc5\x05\n" +
+	"\x19DeleteDestinationResponse\"\xe2\x05\n" +
 	"\x11DestinationHealth\x12%\n" +
 	"\x0edestination_id\x18\x01 \x01(\tR\rdestinationId\x12\x1b\n" +
 	"\ttenant_id\x18\x02 \x01(\tR\btenantId\x127\n" +
@@ -2084,7 +2094,8 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	" \x01(\x03R\x06parked\x12?\n" +
 	"\roldest_parked\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\foldestParked\x12=\n" +
 	"\flast_success\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vlastSuccess\x12e\n" +
-	"\x11failures_by_class\x18\r \x03(\v29.bulkhead.admin.v1.DestinationHealth.FailuresByClassEntryR\x0ffailuresByClass\x1aB\n" +
+	"\x11failures_by_class\x18\r \x03(\v29.bulkhead.admin.v1.DestinationHealth.FailuresByClassEntryR\x0ffailuresByClass\x12\x1b\n" +
+	"\tin_flight\x18\x0e \x01(\x03R\binFlight\x1aB\n" +
 	"\x14FailuresByClassEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"K\n" +

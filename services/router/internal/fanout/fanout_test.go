@@ -1,0 +1,392 @@
+package fanout
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type fixture struct {
+	js   jetstream.JetStream
+	decs jetstream.KeyValue
+	reg  *registry.Registry
+}
+
+// start creates the streams, fills the destinations bucket (and the
+// quarantine bucket with decisions), watches both into a registry and runs a
+// router until the test ends.
+func start(t *testing.T, dests []*adminv1.Destination, decisions []*eventv1.Decision) *fixture {
+	t.Helper()
+	return startWith(t, stream.Limits{}, dests, decisions)
+}
+
+func startWith(t *testing.T, limits stream.Limits, dests []*adminv1.Destination, decisions []*eventv1.Decision) *fixture {
+	t.Helper()
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
+	defer scancel()
+	if err := stream.Ensure(sctx, js, limits); err != nil {
+		t.Fatal(err)
+	}
+	destKV, err := js.KeyValue(sctx, subject.BucketDestinations)
+	if err != nil {
+		t.Fatal(err)
+	}
+	decKV, err := js.KeyValue(sctx, subject.BucketQuarantine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dests {
+		b, _ := registry.Encode(d)
+		if _, err := destKV.Put(sctx, d.GetId(), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range decisions {
+		if _, err := registry.PutDecision(sctx, decKV, d, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log := slog.New(slog.DiscardHandler)
+	reg, err := registry.Watch(ctx, js, log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := New(js, reg, Config{Workers: 2, AckWait: 30 * time.Second, MaxAckPending: 100, PublishTimeout: 10 * time.Second}, log, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	})
+	return &fixture{js: js, decs: decKV, reg: reg}
+}
+
+func imp(key, split string) *ingestv1.Impression {
+	return &ingestv1.Impression{Key: key, Split: split, Treatment: "on", Time: 1700000000000}
+}
+
+// submit stores a batch on imp.in.<tenant> as ingest would; msgID is the
+// ingest de-duplication id.
+func (f *fixture) submit(t *testing.T, b *eventv1.Batch, msgID string) {
+	t.Helper()
+	data, err := proto.Marshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subj, _ := subject.In(b.GetTenantId())
+	m := nats.NewMsg(subj)
+	m.Data = data
+	m.Header.Set(jetstream.MsgIDHeader, msgID)
+	if _, err := f.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// on returns the batches stored on subj in streamName, with their message ids.
+func (f *fixture) on(t *testing.T, streamName, subj string) ([]*eventv1.Batch, []string) {
+	t.Helper()
+	ctx := context.Background()
+	s, err := f.js.Stream(ctx, streamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*eventv1.Batch
+	var ids []string
+	for seq := uint64(1); ; {
+		m, err := s.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return out, ids
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b eventv1.Batch
+		if err := proto.Unmarshal(m.Data, &b); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, &b)
+		ids = append(ids, m.Header.Get(jetstream.MsgIDHeader))
+		seq = m.Sequence + 1
+	}
+}
+
+// routed waits until the router consumer has nothing pending or unacknowledged.
+func (f *fixture) routed(t *testing.T) {
+	t.Helper()
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+		if err != nil {
+			return err
+		}
+		info, err := c.Info(context.Background())
+		if err != nil {
+			return err
+		}
+		if info.NumPending != 0 || info.NumAckPending != 0 || info.Delivered.Consumer == 0 {
+			return fmt.Errorf("pending %d, ack pending %d, delivered %d", info.NumPending, info.NumAckPending, info.Delivered.Consumer)
+		}
+		return nil
+	})
+	// IMPRESSIONS is a work queue: acknowledged input is removed.
+	s, err := f.js.Stream(context.Background(), subject.StreamImpressions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 0 {
+		t.Errorf("IMPRESSIONS still holds %d messages after routing", info.State.Msgs)
+	}
+}
+
+func keys(b *eventv1.Batch) []string {
+	var out []string
+	for _, i := range b.GetImpressions() {
+		out = append(out, i.GetKey())
+	}
+	return out
+}
+
+func TestFanOut(t *testing.T) {
+	f := start(t,
+		[]*adminv1.Destination{
+			{Id: "all", TenantId: "t1", Url: "https://example.com/a", Enabled: true},
+			{Id: "only-a", TenantId: "t1", Url: "https://example.com/b", Enabled: true, Filter: &adminv1.Filter{Splits: []string{"a"}}},
+			{Id: "only-z", TenantId: "t1", Url: "https://example.com/z", Enabled: true, Filter: &adminv1.Filter{Splits: []string{"z"}}},
+			{Id: "paused", TenantId: "t1", Url: "https://example.com/p", Enabled: true},
+			{Id: "quarantined", TenantId: "t1", Url: "https://example.com/q", Enabled: true},
+			{Id: "recovering", TenantId: "t1", Url: "https://example.com/r", Enabled: true},
+			{Id: "disabled", TenantId: "t1", Url: "https://example.com/d", Enabled: false},
+			{Id: "other-tenant", TenantId: "t2", Url: "https://example.com/o", Enabled: true},
+		},
+		[]*eventv1.Decision{
+			{DestinationId: "paused", TenantId: "t1", State: eventv1.State_STATE_PAUSED, Revision: 1},
+			{DestinationId: "quarantined", TenantId: "t1", State: eventv1.State_STATE_QUARANTINED, Revision: 1},
+			{DestinationId: "recovering", TenantId: "t1", State: eventv1.State_STATE_RECOVERING, Revision: 2},
+		})
+	in := &eventv1.Batch{BatchId: "b1", TenantId: "t1", AcceptedAt: timestamppb.Now(),
+		Impressions: []*ingestv1.Impression{imp("u1", "a"), imp("u2", "b"), imp("u3", "a")}}
+	f.submit(t, in, "ingest-b1")
+	f.routed(t)
+
+	for _, tc := range []struct {
+		dest   string
+		stream string // "" : nothing anywhere
+		keys   []string
+		reason string
+	}{
+		{"all", subject.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
+		{"only-a", subject.StreamDelivery, []string{"u1", "u3"}, ""},
+		{"recovering", subject.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
+		{"paused", subject.StreamParked, []string{"u1", "u2", "u3"}, "paused"},
+		{"quarantined", subject.StreamParked, []string{"u1", "u2", "u3"}, "quarantined"},
+		{"disabled", subject.StreamParked, []string{"u1", "u2", "u3"}, "destination disabled"},
+		{"only-z", "", nil, ""},
+		{"other-tenant", "", nil, ""},
+	} {
+		t.Run(tc.dest, func(t *testing.T) {
+			deliverSubj, _ := subject.Deliver(tc.dest)
+			parkedSubj, _ := subject.Parked(tc.dest)
+			delivered, dids := f.on(t, subject.StreamDelivery, deliverSubj)
+			parkedB, pids := f.on(t, subject.StreamParked, parkedSubj)
+			var got []*eventv1.Batch
+			var ids []string
+			switch tc.stream {
+			case subject.StreamDelivery:
+				got, ids = delivered, dids
+				if len(parkedB) != 0 {
+					t.Errorf("also parked: %v", parkedB)
+				}
+			case subject.StreamParked:
+				got, ids = parkedB, pids
+				if len(delivered) != 0 {
+					t.Errorf("also delivered: %v", delivered)
+				}
+			default:
+				if len(delivered)+len(parkedB) != 0 {
+					t.Errorf("got traffic it should not: %v %v", delivered, parkedB)
+				}
+				return
+			}
+			if len(got) != 1 {
+				t.Fatalf("%d batches on %s, want 1", len(got), tc.stream)
+			}
+			b := got[0]
+			if !slices.Equal(keys(b), tc.keys) {
+				t.Errorf("impressions %v, want %v", keys(b), tc.keys)
+			}
+			if b.GetBatchId() != "b1" || b.GetTenantId() != "t1" || b.GetDestinationId() != tc.dest ||
+				!proto.Equal(b.GetAcceptedAt(), in.GetAcceptedAt()) || b.GetParkReason() != tc.reason {
+				t.Errorf("batch = %v", b)
+			}
+			if ids[0] != "b1."+tc.dest {
+				t.Errorf("message id %q, want b1.%s", ids[0], tc.dest)
+			}
+		})
+	}
+}
+
+func TestRedeliveredInputIsNotDuplicated(t *testing.T) {
+	f := start(t,
+		[]*adminv1.Destination{
+			{Id: "d1", TenantId: "t1", Url: "https://example.com/1", Enabled: true},
+			{Id: "held", TenantId: "t1", Url: "https://example.com/2", Enabled: true},
+		},
+		[]*eventv1.Decision{{DestinationId: "held", TenantId: "t1", State: eventv1.State_STATE_PAUSED}})
+	in := &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}
+	// The same accepted batch handed to the router twice, as after a crash
+	// between publishing the outputs and acknowledging the input.
+	f.submit(t, in, "ingest-1")
+	f.routed(t)
+	f.submit(t, in, "ingest-2")
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+		if err != nil {
+			return err
+		}
+		info, err := c.Info(context.Background())
+		if err != nil {
+			return err
+		}
+		if info.Delivered.Consumer < 2 || info.NumPending+uint64(info.NumAckPending) != 0 {
+			return fmt.Errorf("second copy not routed yet: %+v", info.Delivered)
+		}
+		return nil
+	})
+	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+		t.Errorf("imp.deliver.d1 holds %d batches, want 1", len(got))
+	}
+	if got, _ := f.on(t, subject.StreamParked, "imp.parked.held"); len(got) != 1 {
+		t.Errorf("imp.parked.held holds %d batches, want 1", len(got))
+	}
+}
+
+func TestNewDecisionIsEnforced(t *testing.T) {
+	f := start(t, []*adminv1.Destination{{Id: "d1", TenantId: "t1", Url: "https://example.com/1", Enabled: true}}, nil)
+	f.submit(t, &eventv1.Batch{BatchId: "before", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "1")
+	f.routed(t)
+
+	if _, err := registry.PutDecision(context.Background(), f.decs, &eventv1.Decision{DestinationId: "d1", TenantId: "t1", State: eventv1.State_STATE_QUARANTINED}, 0); err != nil {
+		t.Fatal(err)
+	}
+	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		if !registry.Held(f.reg.State("d1")) {
+			return errors.New("decision not seen by the registry")
+		}
+		return nil
+	})
+	f.submit(t, &eventv1.Batch{BatchId: "after", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u2", "a")}}, "2")
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if got, _ := f.on(t, subject.StreamParked, "imp.parked.d1"); len(got) != 1 || got[0].GetBatchId() != "after" {
+			return fmt.Errorf("parked %v", got)
+		}
+		return nil
+	})
+	delivered, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1")
+	if len(delivered) != 1 || delivered[0].GetBatchId() != "before" {
+		t.Errorf("delivered %v, want only the batch from before the quarantine", delivered)
+	}
+}
+
+func TestCorruptInputIsTerminated(t *testing.T) {
+	f := start(t, []*adminv1.Destination{{Id: "d1", TenantId: "t1", Url: "https://example.com/1", Enabled: true}}, nil)
+	if _, err := f.js.Publish(context.Background(), "imp.in.t1", []byte{0xff, 0xff, 0xff}); err != nil {
+		t.Fatal(err)
+	}
+	f.submit(t, &eventv1.Batch{BatchId: "ok", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "ok")
+	// The corrupt message does not block the one behind it.
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+			return fmt.Errorf("delivered %d", len(got))
+		}
+		return nil
+	})
+	f.routed(t)
+}
+
+func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
+	f := startWith(t, stream.Limits{DeliveryMaxBytes: 512},
+		[]*adminv1.Destination{
+			{Id: "d1", TenantId: "t1", Url: "https://example.com/1", Enabled: true},
+			{Id: "held", TenantId: "t1", Url: "https://example.com/2", Enabled: true},
+		},
+		[]*eventv1.Decision{{DestinationId: "held", TenantId: "t1", State: eventv1.State_STATE_PAUSED}})
+	// Fill DELIVERY so d1's share is refused while held's share is parked.
+	filler, err := f.js.Publish(context.Background(), "imp.deliver.filler", make([]byte, 400))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "b1")
+
+	// The input is handed back and redelivered, not acknowledged or dropped.
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+		if err != nil {
+			return err
+		}
+		info, err := c.Info(context.Background())
+		if err != nil {
+			return err
+		}
+		if info.NumRedelivered == 0 && info.Delivered.Consumer < 2 {
+			return fmt.Errorf("not redelivered yet: %+v", info.Delivered)
+		}
+		return nil
+	})
+	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 0 {
+		t.Fatalf("d1 got %d batches through a full stream", len(got))
+	}
+
+	// Room again: the next redelivery completes, and the share that was
+	// already parked on the first attempt is not parked twice.
+	s, err := f.js.Stream(context.Background(), subject.StreamDelivery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteMsg(context.Background(), filler.Sequence); err != nil {
+		t.Fatal(err)
+	}
+	f.routed(t)
+	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+		t.Errorf("imp.deliver.d1 holds %d batches, want 1", len(got))
+	}
+	if got, _ := f.on(t, subject.StreamParked, "imp.parked.held"); len(got) != 1 {
+		t.Errorf("imp.parked.held holds %d batches, want 1", len(got))
+	}
+}
