@@ -239,6 +239,15 @@ func startServices(t *testing.T, urls string) *services {
 	run("monitor", func(ctx context.Context) error {
 		return monitor.Run(ctx, mc, log.With("service", "monitor"), monitor.Listeners{Admin: admLis})
 	})
+	// The monitor goes first and the others start once its streams exist:
+	// concurrent stream.Ensure calls on a fresh cluster can all stall until
+	// their deadline (see deploy/README.md, "First start"). That is a
+	// property of start-up, not of the permissions this test is about.
+	adm := adminv1.NewAdminServiceClient(dial(t, admLis.Addr().String()))
+	natstest.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
+		_, err := adm.ListDestinations(stack.WithToken(context.Background(), stack.AdminToken), &adminv1.ListDestinationsRequest{})
+		return err
+	})
 	run("router", func(ctx context.Context) error { return router.Run(ctx, rc, log.With("service", "router"), nil) })
 	run("deliverer", func(ctx context.Context) error { return deliverer.Run(ctx, dc, log.With("service", "deliverer"), nil) })
 	run("ingest", func(ctx context.Context) error {
@@ -303,14 +312,11 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	t.Cleanup(gone.Close)
 	gone.Status.Store(410)
 	for id, r := range map[string]*stack.Receiver{"ok": ok, "gone": gone} {
-		// The monitor's admin API answers once its registry is loaded.
-		var resp *adminv1.CreateDestinationResponse
-		natstest.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
-			var err error
-			resp, err = adm.CreateDestination(op, &adminv1.CreateDestinationRequest{Destination: &adminv1.Destination{
-				Id: id, TenantId: "t1", Url: r.URL(), Enabled: true, Linger: durationpb.New(20 * time.Millisecond)}})
-			return err
-		})
+		resp, err := adm.CreateDestination(op, &adminv1.CreateDestinationRequest{Destination: &adminv1.Destination{
+			Id: id, TenantId: "t1", Url: r.URL(), Enabled: true, Linger: durationpb.New(20 * time.Millisecond)}})
+		if err != nil {
+			t.Fatalf("create %s: %v", id, err)
+		}
 		if err := r.SetSecret(resp.GetDestination().GetSecret()); err != nil {
 			t.Fatal(err)
 		}

@@ -13,12 +13,15 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/natsconn"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
@@ -198,4 +201,46 @@ func ReplicaID() string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	return host + "-" + hex.EncodeToString(b[:])
+}
+
+// Validator is a configuration that can check itself.
+type Validator interface{ Validate() error }
+
+// Parse builds a service's configuration: its flags (registered by flags),
+// then BULKHEAD_<SVC>_* variables for the flags not given in args, then
+// Validate.
+func Parse[C Validator](name, envPrefix string, flags func(*flag.FlagSet) C, args []string) (C, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	c := flags(fs)
+	if err := conf.Parse(fs, envPrefix, args); err != nil {
+		return c, err
+	}
+	return c, c.Validate()
+}
+
+// Level is the configured log level.
+func (b Base) Level() string { return b.LogLevel }
+
+// Main is the whole of a service's main function: it parses the
+// configuration from the command line and environment, builds the JSON
+// logger, and runs the service until SIGINT or SIGTERM. It exits 2 on a
+// configuration error and 1 when the service fails.
+func Main[C interface{ Level() string }](name string, parse func([]string) (C, error), run func(context.Context, C, *slog.Logger) error) {
+	cfg, err := parse(os.Args[1:])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: config: %v\n", name, err)
+		os.Exit(2)
+	}
+	log, err := obs.NewLogger(os.Stderr, cfg.Level())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err = run(ctx, cfg, log)
+	stop()
+	if err != nil {
+		log.Error(name+" stopped", "err", err)
+		os.Exit(1)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"strconv"
 	"sync"
 	"unicode/utf8"
@@ -186,4 +187,24 @@ func Gzip(body []byte) ([]byte, error) {
 		return nil, fmt.Errorf("gzip: %w", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// ReadBody reads a webhook request's body as it was signed, decompressing it
+// when Content-Encoding is gzip, up to limit bytes. It is for receivers: the
+// demo receiver, tests and benchmarks.
+func ReadBody(r *http.Request, limit int64) ([]byte, error) {
+	var body io.Reader = io.LimitReader(r.Body, limit)
+	if r.Header.Get("Content-Encoding") == "gzip" {
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			return nil, fmt.Errorf("read body: %w", err)
+		}
+		defer zr.Close()
+		body = io.LimitReader(zr, limit)
+	}
+	data, err := io.ReadAll(body)
+	if err != nil {
+		return nil, fmt.Errorf("read body: %w", err)
+	}
+	return data, nil
 }

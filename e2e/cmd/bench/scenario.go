@@ -155,6 +155,10 @@ func runSystem(ctx context.Context, log *slog.Logger, c *common, bin, name strin
 	}
 	log.Info("bulkhead up", "system", name, "ingest", ch.IngestAddr, "admin", ch.AdminAddr, "pprof", "http://"+ch.MetricsAddr+"/debug/pprof/")
 	opts.Target = bh
+	if profileHook != nil {
+		// Run starts its clock about a second after setup.
+		profileHook(ch.MetricsAddr, time.Now().Add(time.Second))
+	}
 	o, err := scenario.Run(ctx, c.cfg, opts)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w (log: %s)", name, err, ch.LogPath)
@@ -244,18 +248,18 @@ func writeScenario(log *slog.Logger, c *common, outDir, name string, rec *report
 			{Name: scenario.PhaseRecovery, StartSec: cfg.HealAt().Seconds(), EndSec: cfg.Load().Seconds()},
 		},
 		Params: map[string]string{
-			"rate (offered)":      fmt.Sprintf("%.0f impressions/s", cfg.Rate),
-			"tenants":             fmt.Sprintf("%d (one per destination)", cfg.Destinations),
-			"submit interval":     fmt.Sprintf("%v per tenant (%d impressions per tenant batch at most)", cfg.Interval, (int(math.Round(cfg.Rate*cfg.Interval.Seconds()))+cfg.Destinations-1)/cfg.Destinations),
-			"fail mix":            c.mix,
-			"seed":                strconv.FormatUint(cfg.Seed, 10),
-			"linger / timeout":    fmt.Sprintf("%v / %v (both systems)", cfg.Linger, cfg.Timeout),
-			"max batch":           strconv.Itoa(cfg.MaxBatch),
-			"machine":             fmt.Sprintf("%d CPUs, %s/%s, %s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version()),
-			"shared-queue":        fmt.Sprintf("%d workers, backoff %v..%v, %d attempts", sharedqueue.DefaultWorkers, sharedqueue.DefaultFirstBackoff, sharedqueue.DefaultMaxBackoff, sharedqueue.DefaultMaxAttempts),
-			"latency measured":    "from the batch's scheduled submit time (open loop) to the destination's 2xx; samples grouped by submit phase/second",
-			"bulkhead process":    "the dev stack binary (embedded NATS + 4 services in one process), monitor at default policy",
-			"extra bulkhead env":  strings.Join(c.env, " "),
+			"rate (offered)":     fmt.Sprintf("%.0f impressions/s", cfg.Rate),
+			"tenants":            fmt.Sprintf("%d (one per destination)", cfg.Destinations),
+			"submit interval":    fmt.Sprintf("%v per tenant (%d impressions per tenant batch at most)", cfg.Interval, (int(math.Round(cfg.Rate*cfg.Interval.Seconds()))+cfg.Destinations-1)/cfg.Destinations),
+			"fail mix":           c.mix,
+			"seed":               strconv.FormatUint(cfg.Seed, 10),
+			"linger / timeout":   fmt.Sprintf("%v / %v (both systems)", cfg.Linger, cfg.Timeout),
+			"max batch":          strconv.Itoa(cfg.MaxBatch),
+			"machine":            fmt.Sprintf("%d CPUs, %s/%s, %s", runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version()),
+			"shared-queue":       fmt.Sprintf("%d workers, backoff %v..%v, %d attempts", sharedqueue.DefaultWorkers, sharedqueue.DefaultFirstBackoff, sharedqueue.DefaultMaxBackoff, sharedqueue.DefaultMaxAttempts),
+			"latency measured":   "from the batch's scheduled submit time (open loop) to the destination's 2xx; samples grouped by submit phase/second",
+			"bulkhead process":   "the dev stack binary (embedded NATS + 4 services in one process), monitor at default policy",
+			"extra bulkhead env": strings.Join(c.env, " "),
 			"load generator, fleet and shared-queue model": "this process (same 2 cores)",
 		},
 		Notes: []string{sharedqueue.Model},

@@ -41,7 +41,7 @@ type tracker struct {
 	accepted, delivered, parked []bitset // per destination
 
 	nAccepted, nDelivered, nDup, nBad atomic.Int64
-	lastArrival                      atomic.Int64 // unix nanos
+	lastArrival                       atomic.Int64 // unix nanos
 	// backlogLast is, per failing destination, the latest arrival of an
 	// impression scheduled before the heal (unix nanos).
 	backlogLast []atomic.Int64

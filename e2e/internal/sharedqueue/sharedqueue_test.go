@@ -18,9 +18,9 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
-	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
 func TestMain(m *testing.M) {

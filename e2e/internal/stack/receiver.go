@@ -1,8 +1,6 @@
 package stack
 
 import (
-	"compress/gzip"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -55,20 +53,12 @@ func (r *Receiver) SetSecret(s string) error {
 }
 
 func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
-	var body io.Reader = req.Body
-	gz := req.Header.Get("Content-Encoding") == "gzip"
-	if gz {
-		zr, err := gzip.NewReader(req.Body)
-		if err != nil {
-			http.Error(w, "bad gzip", http.StatusBadRequest)
-			return
-		}
-		body = zr
-	}
-	data, err := io.ReadAll(body)
+	data, err := webhook.ReadBody(req, 64<<20)
 	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
+	gz := req.Header.Get("Content-Encoding") == "gzip"
 	if r.Hang.Load() {
 		select {
 		case <-r.release:

@@ -54,14 +54,9 @@ func Flags(fs *flag.FlagSet) *Config {
 	return c
 }
 
-// ParseConfig reads flags and BULKHEAD_INGEST_* variables.
+// ParseConfig reads flags and BULKHEAD_INGEST_* variables, then validates.
 func ParseConfig(args []string) (*Config, error) {
-	fs := flag.NewFlagSet("ingest", flag.ContinueOnError)
-	c := Flags(fs)
-	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
-		return nil, err
-	}
-	return c, c.Validate()
+	return service.Parse("ingest", EnvPrefix, Flags, args)
 }
 
 // Validate checks the configuration.

@@ -11,7 +11,6 @@ import (
 	"net"
 	"time"
 
-	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
@@ -45,14 +44,9 @@ func Flags(fs *flag.FlagSet) *Config {
 	return c
 }
 
-// ParseConfig reads flags and BULKHEAD_ROUTER_* variables.
+// ParseConfig reads flags and BULKHEAD_ROUTER_* variables, then validates.
 func ParseConfig(args []string) (*Config, error) {
-	fs := flag.NewFlagSet("router", flag.ContinueOnError)
-	c := Flags(fs)
-	if err := conf.Parse(fs, EnvPrefix, args); err != nil {
-		return nil, err
-	}
-	return c, c.Validate()
+	return service.Parse("router", EnvPrefix, Flags, args)
 }
 
 // Validate checks the configuration.

@@ -166,16 +166,21 @@ func (d *Deliverer) Run(ctx context.Context, reg *registry.Registry) error {
 	d.sched.Close()
 	workers.Wait()
 	d.wg.Wait()
+	for _, l := range d.snapshot() {
+		l.handBack()
+	}
+	return nil
+}
+
+// snapshot returns the current lanes.
+func (d *Deliverer) snapshot() []*lane {
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	lanes := make([]*lane, 0, len(d.lanes))
 	for _, l := range d.lanes {
 		lanes = append(lanes, l)
 	}
-	d.mu.Unlock()
-	for _, l := range lanes {
-		l.handBack()
-	}
-	return nil
+	return lanes
 }
 
 // keepAlive sends progress acks for every message a lane holds (queued,
@@ -189,13 +194,7 @@ func (d *Deliverer) keepAlive(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			d.mu.Lock()
-			lanes := make([]*lane, 0, len(d.lanes))
-			for _, l := range d.lanes {
-				lanes = append(lanes, l)
-			}
-			d.mu.Unlock()
-			for _, l := range lanes {
+			for _, l := range d.snapshot() {
 				l.touch()
 			}
 		}
@@ -210,13 +209,7 @@ func (d *Deliverer) watchLag(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			d.mu.Lock()
-			lanes := make([]*lane, 0, len(d.lanes))
-			for _, l := range d.lanes {
-				lanes = append(lanes, l)
-			}
-			d.mu.Unlock()
-			for _, l := range lanes {
+			for _, l := range d.snapshot() {
 				ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				if info, err := l.cons.Info(ictx); err == nil {
 					d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))

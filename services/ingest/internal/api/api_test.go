@@ -309,7 +309,7 @@ func TestSubmitStreamAnswersInOrder(t *testing.T) {
 	reqs := []*ingestv1.SubmitStreamRequest{
 		{Sequence: 1, Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, "")}},
 		{Sequence: 2, Batch: &ingestv1.SubmitRequest{Impressions: impressions(2, ""), IdempotencyKey: "k2"}},
-		{Sequence: 3, Batch: &ingestv1.SubmitRequest{}},                             // protovalidate: no impressions
+		{Sequence: 3, Batch: &ingestv1.SubmitRequest{}},                                 // protovalidate: no impressions
 		{Sequence: 4, Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, big)}}, // over the byte limit
 		{Sequence: 5, Batch: &ingestv1.SubmitRequest{Impressions: impressions(2, ""), IdempotencyKey: "k2"}},
 		{Sequence: 6, Batch: &ingestv1.SubmitRequest{Impressions: impressions(3, "")}},
