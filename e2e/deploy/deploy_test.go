@@ -438,7 +438,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 		"router": {"imp.in.x", "imp.outcome.x", "imp.audit.x", "$KV.destinations.x", "$KV.quarantine.x",
 			"$JS.API.STREAM.DELETE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.deliver-x.imp.deliver.x", "sub:imp.>"},
 		"deliverer": {"imp.in.x", "imp.deliver.x", "imp.audit.x", "$KV.quarantine.x", "$KV.leases.x",
-			"$JS.API.STREAM.MSG.DELETE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.all.imp.deliver.>", "$JS.API.CONSUMER.DELETE.IMPRESSIONS.router"},
+			"$JS.API.STREAM.MSG.DELETE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.all", "$JS.API.CONSUMER.DELETE.IMPRESSIONS.router"},
 		"monitor": {"imp.in.x", "imp.parked.x", "$JS.API.STREAM.DELETE.AUDIT", "$JS.API.STREAM.PURGE.PARKED",
 			"$JS.API.CONSUMER.CREATE.IMPRESSIONS.x.imp.in.>", "$JS.API.CONSUMER.MSG.NEXT.DELIVERY.deliver-ok"},
 	}

@@ -229,6 +229,9 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 		if o.UpTo, err = LastSeq(ctx, js); err != nil {
 			return 0, 0, err
 		}
+		if o.UpTo == 0 {
+			return 0, 0, nil // PARKED is empty; 0 would mean "no bound" to Each
+		}
 	}
 	lim := rate.NewLimiter(rate.Limit(o.Rate), 1)
 	nextRamp := time.Now().Add(o.RampEvery)

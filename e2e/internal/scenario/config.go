@@ -67,7 +67,7 @@ func Default() Config {
 		FailingShare: 0.3,
 		FailMix:      []fleet.Behavior{fleet.Hang, fleet.Refused, fleet.Status503},
 		Rate:         20000,
-		Interval:     100 * time.Millisecond,
+		Interval:     time.Second,
 		Warmup:       15 * time.Second,
 		Steady:       30 * time.Second,
 		Outage:       60 * time.Second,

@@ -155,13 +155,23 @@ func (l *lane) run(ctx context.Context) {
 	}
 	defer it.Stop()
 	dest, _ := l.request()
-	b, err := batch.NewBuilder[routed](l.d.limits(dest))
+	limits := l.d.limits(dest)
+	b, err := batch.NewBuilder[routed](limits)
 	if err != nil {
 		l.d.log.Error("batch limits", "destination", l.id, "err", err)
 		return
 	}
 	draining := false
 	for {
+		if b.Len() == 0 {
+			// Take changed batch limits between batches.
+			dest, _ := l.request()
+			if cur := l.d.limits(dest); cur != limits {
+				if nb, err := batch.NewBuilder[routed](cur); err == nil {
+					b, limits = nb, cur
+				}
+			}
+		}
 		if ctx.Err() != nil && !draining {
 			// Hand over what is buffered so handBack can return it at once.
 			it.Drain()

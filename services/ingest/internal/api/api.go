@@ -231,7 +231,7 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 			}
 			if err != nil {
 				// Validation failures refuse that batch only; the stream goes on.
-				if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument && req.GetBatch() != nil {
+				if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument {
 					window <- inflight{seq: req.GetSequence(), err: err}
 					continue
 				}

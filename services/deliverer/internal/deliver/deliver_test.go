@@ -1,0 +1,456 @@
+package deliver
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/netguard"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
+	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+	)
+}
+
+// env is a running deliverer against a real JetStream.
+type env struct {
+	t     *testing.T
+	js    jetstream.JetStream
+	dests jetstream.KeyValue
+	decs  jetstream.KeyValue
+	seq   atomic.Int64
+}
+
+func testConfig() Config {
+	p := retry.DefaultPolicy()
+	p.Base, p.Max = 20*time.Millisecond, 200*time.Millisecond
+	return Config{
+		Workers: 4, Schedule: schedule.DefaultConfig(), Retry: p,
+		Defaults:       batch.Limits{MaxImpressions: 100, MaxBytes: 1 << 20, Linger: 20 * time.Millisecond},
+		DefaultTimeout: 2 * time.Second, AckWait: 10 * time.Second, MaxAckPending: 1000, RetryShare: 0.5,
+	}
+}
+
+func start(t *testing.T, cfg Config) *env {
+	t.Helper()
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	policy, err := netguard.NewPolicy([]string{"127.0.0.0/8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := webhook.NewClient(policy, webhook.ClientOptions{})
+	log := slog.New(slog.DiscardHandler)
+	d, err := New(js, client, cfg, log, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := registry.Watch(ctx, js, log, d.OnChange)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx, reg) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("run: %v", err)
+		}
+		client.CloseIdleConnections()
+	})
+	e := &env{t: t, js: js}
+	if e.dests, err = js.KeyValue(ctx, subject.BucketDestinations); err != nil {
+		t.Fatal(err)
+	}
+	if e.decs, err = js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destination {
+	e.t.Helper()
+	secret, err := webhook.NewSecret()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	d := &adminv1.Destination{Id: id, TenantId: "t1", Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(timeout)}
+	b, err := registry.Encode(d)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if _, err := e.dests.Put(context.Background(), id, b); err != nil {
+		e.t.Fatal(err)
+	}
+	return d
+}
+
+// publish puts n routed batches of 5 impressions on imp.deliver.<dest>.
+func (e *env) publish(dest string, n int) []string {
+	e.t.Helper()
+	subj, _ := subject.Deliver(dest)
+	var keys []string
+	for range n {
+		b := &eventv1.Batch{BatchId: fmt.Sprintf("b%d", e.seq.Add(1)), TenantId: "t1", DestinationId: dest}
+		for j := range 5 {
+			k := fmt.Sprintf("%s-%s-%d", dest, b.BatchId, j)
+			keys = append(keys, k)
+			b.Impressions = append(b.Impressions, &ingestv1.Impression{Key: k, Split: "s", Treatment: "on", Time: 1})
+		}
+		data, _ := proto.Marshal(b)
+		m := nats.NewMsg(subj)
+		m.Data = data
+		m.Header.Set(jetstream.MsgIDHeader, b.BatchId+"."+dest)
+		if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return keys
+}
+
+func (e *env) decide(dest string, s eventv1.State) {
+	e.t.Helper()
+	b, _ := registry.Encode(&eventv1.Decision{DestinationId: dest, State: s, Reason: "test", Revision: uint64(e.seq.Add(1))})
+	if _, err := e.decs.Put(context.Background(), dest, b); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// inDelivery counts a destination's messages still in DELIVERY.
+func (e *env) inDelivery(dest string) int {
+	subj, _ := subject.Deliver(dest)
+	s, err := e.js.Stream(context.Background(), subject.StreamDelivery)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	info, err := s.Info(context.Background(), jetstream.WithSubjectFilter(subj))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return int(info.State.Subjects[subj])
+}
+
+func (e *env) parkedReasons(dest string) (int, []string) {
+	var n int
+	var reasons []string
+	err := parked.Each(context.Background(), e.js, dest, parked.Range{}, 0, func(m parked.Msg) error {
+		n += len(m.Batch.GetImpressions())
+		reasons = append(reasons, m.Batch.GetParkReason())
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return n, reasons
+}
+
+// sink is an HTTP endpoint whose answer a test controls.
+type sink struct {
+	srv     *httptest.Server
+	mu      sync.Mutex
+	keys    map[string]int
+	times   []time.Time
+	answer  func(n int) (int, http.Header)
+	hang    chan struct{}
+	secrets [][]byte
+	badSigs int
+}
+
+func newSink(t *testing.T, answer func(n int) (int, http.Header)) *sink {
+	s := &sink{keys: map[string]int{}, answer: answer, hang: make(chan struct{})}
+	s.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := webhook.ReadBody(r, 1<<20)
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		n := len(s.times)
+		s.times = append(s.times, time.Now())
+		s.mu.Unlock()
+		code, h := s.answer(n)
+		if code == 0 { // hang
+			select {
+			case <-s.hang:
+			case <-r.Context().Done():
+			}
+			return
+		}
+		if code/100 == 2 {
+			items, _ := webhook.DecodeBody(body)
+			s.mu.Lock()
+			if s.secrets != nil && webhook.Verify(s.secrets, r.Header, body, time.Minute, time.Now()) != nil {
+				s.badSigs++
+			}
+			for _, it := range items {
+				s.keys[it.Key]++
+			}
+			s.mu.Unlock()
+		}
+		for k, v := range h {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(code)
+	}))
+	t.Cleanup(func() {
+		close(s.hang)
+		s.srv.CloseClientConnections()
+		s.srv.Close()
+	})
+	return s
+}
+
+func (s *sink) received() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.keys)
+}
+
+func (s *sink) requests() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]time.Time(nil), s.times...)
+}
+
+func always(code int) func(int) (int, http.Header) {
+	return func(int) (int, http.Header) { return code, nil }
+}
+
+func TestDeliversBatchedSignedAndAcked(t *testing.T) {
+	e := start(t, testConfig())
+	s := newSink(t, always(200))
+	d := e.destination("d1", s.srv.URL, 2*time.Second)
+	key, _ := webhook.ParseSecret(d.GetSecret())
+	s.mu.Lock()
+	s.secrets = [][]byte{key}
+	s.mu.Unlock()
+	keys := e.publish("d1", 40)
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if got := s.received(); got != len(keys) {
+			return fmt.Errorf("received %d of %d", got, len(keys))
+		}
+		if n := e.inDelivery("d1"); n != 0 {
+			return fmt.Errorf("%d messages not acknowledged", n)
+		}
+		return nil
+	})
+	if reqs := len(s.requests()); reqs >= 40 {
+		t.Errorf("%d POSTs for 40 messages: not batched", reqs)
+	}
+	if s.badSigs != 0 {
+		t.Errorf("%d bad signatures", s.badSigs)
+	}
+}
+
+func TestPermanentFailureIsParkedWithReason(t *testing.T) {
+	e := start(t, testConfig())
+	s := newSink(t, always(400))
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	keys := e.publish("d1", 3)
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		n, reasons := e.parkedReasons("d1")
+		if n != len(keys) {
+			return fmt.Errorf("%d of %d parked", n, len(keys))
+		}
+		for _, r := range reasons {
+			if !strings.Contains(r, "HTTP 400") {
+				return fmt.Errorf("reason %q", r)
+			}
+		}
+		return nil
+	})
+	if len(s.requests()) > 3 {
+		t.Errorf("a 400 was retried: %d requests", len(s.requests()))
+	}
+	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if n := e.inDelivery("d1"); n != 0 {
+			return fmt.Errorf("%d left in DELIVERY", n)
+		}
+		return nil
+	})
+}
+
+func TestExhaustedRetriesAreParked(t *testing.T) {
+	cfg := testConfig()
+	cfg.Retry.MaxAttempts = 3
+	e := start(t, cfg)
+	s := newSink(t, always(503))
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	keys := e.publish("d1", 1)
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		n, reasons := e.parkedReasons("d1")
+		if n != len(keys) {
+			return fmt.Errorf("%d of %d parked", n, len(keys))
+		}
+		if !strings.Contains(reasons[0], "after 3 attempts") {
+			return fmt.Errorf("reason %q", reasons[0])
+		}
+		return nil
+	})
+	if got := len(s.requests()); got != 3 {
+		t.Errorf("%d attempts, want 3", got)
+	}
+}
+
+func TestRetryAfterIsHonoured(t *testing.T) {
+	e := start(t, testConfig())
+	s := newSink(t, func(n int) (int, http.Header) {
+		if n == 0 {
+			return 429, http.Header{"Retry-After": []string{"1"}}
+		}
+		return 200, nil
+	})
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	e.publish("d1", 1)
+	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if s.received() != 5 {
+			return fmt.Errorf("not delivered")
+		}
+		return nil
+	})
+	reqs := s.requests()
+	if gap := reqs[1].Sub(reqs[0]); gap < time.Second {
+		t.Errorf("retried %v after a 429 with Retry-After: 1", gap)
+	}
+}
+
+func TestGoneDisablesTheDestination(t *testing.T) {
+	e := start(t, testConfig())
+	s := newSink(t, always(410))
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	e.publish("d1", 1)
+	natstest.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
+		entry, err := e.dests.Get(context.Background(), "d1")
+		if err != nil {
+			return err
+		}
+		var d adminv1.Destination
+		if err := registry.Decode(entry.Value(), &d); err != nil {
+			return err
+		}
+		if d.GetEnabled() || d.GetDisabledReason() == "" {
+			return fmt.Errorf("still enabled")
+		}
+		if n, _ := e.parkedReasons("d1"); n != 5 {
+			return fmt.Errorf("%d parked", n)
+		}
+		return nil
+	})
+}
+
+// TestHangingDestinationHoldsFewWorkers: a black-holed destination must not
+// delay a healthy one sharing the worker pool.
+func TestHangingDestinationHoldsFewWorkers(t *testing.T) {
+	e := start(t, testConfig()) // 4 workers
+	hang := newSink(t, always(0))
+	ok := newSink(t, always(200))
+	e.destination("hang", hang.srv.URL, 10*time.Second)
+	e.destination("ok", ok.srv.URL, 2*time.Second)
+	e.publish("hang", 50)
+	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if len(hang.requests()) == 0 {
+			return fmt.Errorf("no request to the hanging destination yet")
+		}
+		return nil
+	})
+	start := time.Now()
+	keys := e.publish("ok", 50)
+	natstest.CheckFor(t, 8*time.Second, 20*time.Millisecond, func() error {
+		if got := ok.received(); got != len(keys) {
+			return fmt.Errorf("healthy destination got %d of %d while the other hangs", got, len(keys))
+		}
+		return nil
+	})
+	t.Logf("healthy destination served in %v beside a hanging one", time.Since(start))
+	if n := len(hang.requests()); n > 4 {
+		t.Errorf("%d requests in flight to the hanging destination; the cap should hold it to a few", n)
+	}
+}
+
+// TestQuarantineParksWaitingTraffic: once quarantined, a destination's
+// waiting messages go to PARKED instead of being sent, freeing their slots.
+func TestQuarantineParksWaitingTraffic(t *testing.T) {
+	e := start(t, testConfig())
+	hang := newSink(t, always(0))
+	e.destination("d1", hang.srv.URL, 3*time.Second)
+	keys := e.publish("d1", 30)
+	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if len(hang.requests()) == 0 {
+			return fmt.Errorf("no request yet")
+		}
+		return nil
+	})
+	e.decide("d1", eventv1.State_STATE_QUARANTINED)
+	more := e.publish("d1", 5) // routed before the router saw the decision
+	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		n, _ := e.parkedReasons("d1")
+		if n != len(keys)+len(more) {
+			return fmt.Errorf("%d of %d parked", n, len(keys)+len(more))
+		}
+		if left := e.inDelivery("d1"); left != 0 {
+			return fmt.Errorf("%d left in DELIVERY", left)
+		}
+		return nil
+	})
+	_, reasons := e.parkedReasons("d1")
+	quarantined := 0
+	for _, r := range reasons {
+		if r == "quarantined" {
+			quarantined++
+		}
+	}
+	if quarantined == 0 {
+		t.Errorf("no batch parked as quarantined: %v", reasons)
+	}
+	if n := len(hang.requests()); n > 8 {
+		t.Errorf("%d requests sent to a quarantined destination", n)
+	}
+}
+
+func TestRetryBudget(t *testing.T) {
+	cfg := testConfig()
+	cfg.Workers, cfg.RetryShare = 4, 0.5
+	d := &Deliverer{cfg: cfg}
+	if !d.takeRetrySlot() || !d.takeRetrySlot() {
+		t.Fatal("the first two retries should get a slot")
+	}
+	if d.takeRetrySlot() {
+		t.Fatal("a third concurrent retry exceeded a 50% share of 4 workers")
+	}
+	d.retrying.Add(-1)
+	if !d.takeRetrySlot() {
+		t.Fatal("a released slot was not reusable")
+	}
+}
