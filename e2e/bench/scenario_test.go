@@ -57,7 +57,7 @@ func TestNoisyNeighborIsolation(t *testing.T) {
 	}
 
 	rec := report.NewRecorder(0)
-	out, err := scenario.Run(ctx, cfg, scenario.Options{System: "bulkhead", Target: bh, Outage: true, Recorder: rec})
+	out, err := scenario.Run(ctx, cfg, scenario.Options{System: "bulkhead", Target: bh, Outage: true, Recorder: rec, ExportAtHeal: true})
 	if err != nil {
 		t.Fatal(err)
 	}

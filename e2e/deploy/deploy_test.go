@@ -239,19 +239,17 @@ func startServices(t *testing.T, urls string) *services {
 	run("monitor", func(ctx context.Context) error {
 		return monitor.Run(ctx, mc, log.With("service", "monitor"), monitor.Listeners{Admin: admLis})
 	})
-	// The monitor goes first and the others start once its streams exist:
-	// concurrent stream.Ensure calls on a fresh cluster can all stall until
-	// their deadline (see deploy/README.md, "First start"). That is a
-	// property of start-up, not of the permissions this test is about.
-	adm := adminv1.NewAdminServiceClient(dial(t, admLis.Addr().String()))
-	natstest.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
-		_, err := adm.ListDestinations(stack.WithToken(context.Background(), stack.AdminToken), &adminv1.ListDestinationsRequest{})
-		return err
-	})
 	run("router", func(ctx context.Context) error { return router.Run(ctx, rc, log.With("service", "router"), nil) })
 	run("deliverer", func(ctx context.Context) error { return deliverer.Run(ctx, dc, log.With("service", "deliverer"), nil) })
 	run("ingest", func(ctx context.Context) error {
 		return ingest.Run(ctx, ic, log.With("service", "ingest"), ingest.Listeners{GRPC: ingLis})
+	})
+	// All four start at once, as on a first deploy: concurrent stream.Ensure
+	// calls on a fresh cluster must not stall each other.
+	adm := adminv1.NewAdminServiceClient(dial(t, admLis.Addr().String()))
+	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+		_, err := adm.ListDestinations(stack.WithToken(context.Background(), stack.AdminToken), &adminv1.ListDestinationsRequest{})
+		return err
 	})
 	var once sync.Once
 	stop := func() { once.Do(func() { cancel(); wg.Wait() }) }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -162,20 +163,83 @@ func Buckets(l Limits) []jetstream.KeyValueConfig {
 	}
 }
 
-// Ensure creates or updates every stream and bucket. It is safe to call from
-// every replica of every service at start-up.
+// Ensure creates every stream and bucket that does not exist and updates
+// streams whose limits differ from l. It is safe to call from every replica
+// of every service at start-up: it reads first and writes only what is
+// missing or different, because concurrent create-or-update calls for the
+// same stream stall on a fresh clustered JetStream (deploy/README.md).
 func Ensure(ctx context.Context, js jetstream.JetStream, l Limits) error {
 	for _, cfg := range Streams(l) {
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+		if err := retry(ctx, func(ctx context.Context) error { return ensureStream(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
 		}
 	}
 	for _, cfg := range Buckets(l) {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+		if err := retry(ctx, func(ctx context.Context) error { return ensureBucket(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("ensure bucket %s: %w", cfg.Bucket, err)
 		}
 	}
 	return nil
+}
+
+func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) error {
+	s, err := js.Stream(ctx, cfg.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		_, err = js.CreateStream(ctx, cfg)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return errRace // another replica created it first: read it again
+		}
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	if same(s.CachedInfo().Config, cfg) {
+		return nil
+	}
+	_, err = js.UpdateStream(ctx, cfg)
+	return err
+}
+
+// same reports whether the stored configuration already has what Streams sets.
+func same(have, want jetstream.StreamConfig) bool {
+	return slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
+		have.Discard == want.Discard && have.MaxBytes == want.MaxBytes && have.MaxAge == want.MaxAge &&
+		have.Duplicates == want.Duplicates && have.MaxConsumers == want.MaxConsumers &&
+		have.Replicas == want.Replicas && have.Storage == want.Storage && have.Description == want.Description
+}
+
+func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
+	_, err := js.KeyValue(ctx, cfg.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		_, err = js.CreateKeyValue(ctx, cfg)
+		if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return errRace
+		}
+	}
+	return err
+}
+
+// errRace means another replica created the same stream or bucket first.
+var errRace = errors.New("created concurrently")
+
+// retry runs op with a short deadline per attempt until it succeeds or ctx
+// ends: a clustered JetStream may be electing leaders when services start.
+func retry(ctx context.Context, op func(context.Context) error) error {
+	var err error
+	for attempt := 0; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err = op(actx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		case <-time.After(min(100*time.Millisecond<<min(attempt, 5), 2*time.Second)):
+		}
+	}
 }
 
 // IsFull reports whether err is JetStream refusing a message because a

@@ -60,8 +60,10 @@ type child struct {
 	IngestAddr  string
 	AdminAddr   string
 	MetricsAddr string
-	NATSURL     string
-	LogPath     string
+	// RouterMetrics and DelivererMetrics serve those services' /metrics.
+	RouterMetrics, DelivererMetrics string
+	NATSURL                         string
+	LogPath                         string
 }
 
 // freePort returns a loopback port nothing listens on now.
@@ -93,7 +95,7 @@ func startChild(ctx context.Context, bin, dir string, tenants int, extra []strin
 		return nil, err
 	}
 	c := &child{LogPath: filepath.Join(dir, "bulkhead.log"), done: make(chan error, 1)}
-	for _, a := range []*string{&c.IngestAddr, &c.AdminAddr, &c.MetricsAddr} {
+	for _, a := range []*string{&c.IngestAddr, &c.AdminAddr, &c.MetricsAddr, &c.RouterMetrics, &c.DelivererMetrics} {
 		if *a, err = freeAddr(); err != nil {
 			return nil, err
 		}
@@ -108,8 +110,8 @@ func startChild(ctx context.Context, bin, dir string, tenants int, extra []strin
 		// One process: any service's metrics address serves the whole
 		// process's pprof.
 		"BULKHEAD_INGEST_METRICS_ADDR="+c.MetricsAddr,
-		"BULKHEAD_ROUTER_METRICS_ADDR=",
-		"BULKHEAD_DELIVERER_METRICS_ADDR=",
+		"BULKHEAD_ROUTER_METRICS_ADDR="+c.RouterMetrics,
+		"BULKHEAD_DELIVERER_METRICS_ADDR="+c.DelivererMetrics,
 		"BULKHEAD_MONITOR_METRICS_ADDR=",
 		"BULKHEAD_INGEST_API_KEYS="+strings.Join(scenario.KeyPairs(tenants), ","),
 		"BULKHEAD_MONITOR_ADMIN_TOKENS=admin:"+adminToken+":operator",

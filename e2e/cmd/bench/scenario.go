@@ -147,6 +147,7 @@ func runSystem(ctx context.Context, log *slog.Logger, c *common, bin, name strin
 		return nil, err
 	}
 	defer bh.Close()
+	bh.MetricsURLs = []string{"http://" + ch.RouterMetrics + "/metrics", "http://" + ch.DelivererMetrics + "/metrics"}
 	rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	err = bh.Ready(rctx)
 	cancel()
@@ -272,12 +273,16 @@ func writeScenario(log *slog.Logger, c *common, outDir, name string, rec *report
 		s.Overall, s.Phases = rec.Latencies(r.Name, "")
 		res.Systems = append(res.Systems, s)
 		elapsed = max(elapsed, o.Elapsed.Seconds())
-		d := fmt.Sprintf("%s: scheduled %d, refused %d, submit lag p99 %.0f ms max %.0f ms, drain wait %.1f s, duplicate deliveries %d, unknown keys %d, destinations' requests %d (ok %d, 503 %d, 429 %d, dropped %d)",
-			r.Name, o.Scheduled, o.Refused, o.SubmitLag.P99Ms, o.SubmitLag.MaxMs, o.DrainWait.Seconds(), s.Duplicates, o.BadKeys,
+		d := fmt.Sprintf("%s: scheduled %d, refused %d, generator send lag p99 %.0f ms max %.0f ms, Submit call p50 %.1f ms p99 %.0f ms, drain wait %.1f s, duplicate deliveries %d, unknown keys %d, destinations' requests %d (ok %d, 503 %d, 429 %d, dropped %d)",
+			r.Name, o.Scheduled, o.Refused, o.SubmitLag.P99Ms, o.SubmitLag.MaxMs, o.SubmitCall.P50Ms, o.SubmitCall.P99Ms, o.DrainWait.Seconds(), s.Duplicates, o.BadKeys,
 			o.Fleet.Requests, o.Fleet.OK, o.Fleet.Status503, o.Fleet.Status429, o.Fleet.Dropped)
 		if s.Failing != nil {
 			d += fmt.Sprintf("; failing quarantined %d/%d, healthy quarantined %d, backlog drained %d/%d",
 				len(o.Quarantined), s.Failing.Destinations, o.HealthyQuarantined, len(o.Drained), s.Failing.Destinations)
+			if o.ParkedByCounter {
+				d += fmt.Sprintf(", parked impressions by Bulkhead's counters (router park + deliverer parked): failing %d, healthy %d",
+					s.Failing.Parked, o.ParkedHealthy)
+			}
 		}
 		if sq := r.SharedQueue; sq != nil {
 			d += fmt.Sprintf("; model: exhausted (dropped) %d, still held %d, max FIFO depth %d tasks, attempts %d, timeouts %d",

@@ -46,6 +46,11 @@ type Options struct {
 	Live func(Live)
 	// Log receives progress (default: discarded).
 	Log *slog.Logger
+	// ExportAtHeal exports the failing destinations' parked impressions at
+	// the heal, before replay empties PARKED, so parked impressions are
+	// counted by key. It costs the system CPU during the recovery phase, so
+	// a benchmark leaves it off when the target is a ParkCounter.
+	ExportAtHeal bool
 }
 
 // Outcome is what a run measured beyond the recorder's latencies.
@@ -56,6 +61,9 @@ type Outcome struct {
 	// SubmitLag is how late the generator sent batches (actual send minus
 	// scheduled time); latencies are measured from the scheduled time.
 	SubmitLag report.Latency
+	// SubmitCall is how long accepting one batch took (the Submit call,
+	// retries included).
+	SubmitCall report.Latency
 	// Quarantined maps failing destinations to the time from their onset
 	// to their first quarantine; HealthyQuarantined counts healthy
 	// destinations ever quarantined (should be 0).
@@ -71,6 +79,11 @@ type Outcome struct {
 	// Elapsed is the run's length from the first scheduled submit to the
 	// end of the drain.
 	Elapsed time.Duration
+	// ParkedByCounter says FailingResult.Parked comes from the system's own
+	// counters (ParkCounter), not from exported keys; ParkedHealthy counts
+	// impressions those counters parked for healthy destinations.
+	ParkedByCounter bool
+	ParkedHealthy   int64
 	// BadKeys were arrivals the run did not schedule (should be 0).
 	BadKeys int64
 	// Fleet counts what the destinations saw.
@@ -181,7 +194,7 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 			log.Info("healed", "system", opts.System)
 			// What the outage parked, exported at the heal, before any
 			// probe can start a replay that empties PARKED again.
-			if p, ok := opts.Target.(Parker); ok {
+			if p, ok := opts.Target.(Parker); ok && opts.ExportAtHeal {
 				for i, b := range failing {
 					if b == fleet.Healthy {
 						continue
@@ -221,8 +234,8 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 
 	// The load: open loop; every batch has its scheduled time, and a late
 	// send is still measured from it.
-	lag, scheduled, refused := generate(ctx, cfg, opts.Target, tr, start)
-	out.Scheduled, out.Refused, out.SubmitLag = scheduled, refused, lag.Latency()
+	lag, call, scheduled, refused := generate(ctx, cfg, opts.Target, tr, start)
+	out.Scheduled, out.Refused, out.SubmitLag, out.SubmitCall = scheduled, refused, lag.Latency(), call.Latency()
 	loadEnd := start.Add(cfg.Load())
 	log.Info("load done", "system", opts.System, "accepted", tr.nAccepted.Load(), "refused", refused,
 		"submit_lag_p99", lag.Quantile(0.99).Round(time.Millisecond))
@@ -268,6 +281,22 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 
 	if opts.Outage && cfg.FailingShare > 0 {
 		f := &report.FailingResult{Parked: c.parkedFailing}
+		if pc, ok := opts.Target.(ParkCounter); ok && !opts.ExportAtHeal {
+			pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
+			byDest, err := pc.ParkedImpressions(pctx)
+			pcancel()
+			if err != nil {
+				log.Warn("parked counters", "err", err)
+			}
+			f.Parked, out.ParkedByCounter = 0, true
+			for i, n := range byDest {
+				if failing[i] != fleet.Healthy {
+					f.Parked += n
+				} else {
+					out.ParkedHealthy += n
+				}
+			}
+		}
 		var toQ, drained []time.Duration
 		heal := start.Add(cfg.HealAt())
 		qmu.Lock()
@@ -304,19 +333,16 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 // refused. A scheduler queues every tenant's batch at its time; Senders
 // goroutines send them. A batch refused with a retryable code is retried
 // with its idempotency key for up to 5 s.
-func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start time.Time) (report.Histogram, int64, int64) {
+func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start time.Time) (lag, call report.Histogram, scheduled, refused int64) {
 	type job struct{ i, k int }
 	jobs := make(chan job, 1<<16)
 	var (
-		mu       sync.Mutex
-		lag      report.Histogram
-		refused  int64
-		senders  sync.WaitGroup
-		schedCnt int64
+		mu      sync.Mutex
+		senders sync.WaitGroup
 	)
 	for range cfg.Senders {
 		senders.Go(func() {
-			var myLag report.Histogram
+			var myLag, myCall report.Histogram
 			var myRefused int64
 			for jb := range jobs {
 				n := cfg.count(jb.i, jb.k)
@@ -326,7 +352,10 @@ func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start ti
 				for j := range n {
 					items[j] = impression(tr.key(jb.i, jb.k, j), due)
 				}
-				if submit(ctx, tgt, jb.i, tr.key(jb.i, jb.k, 0), items) {
+				t0 := time.Now()
+				ok := submit(ctx, tgt, jb.i, tr.key(jb.i, jb.k, 0), items)
+				myCall.Record(time.Since(t0))
+				if ok {
 					tr.accept(jb.i, jb.k, n)
 				} else {
 					myRefused += int64(n)
@@ -334,6 +363,7 @@ func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start ti
 			}
 			mu.Lock()
 			lag.Merge(&myLag)
+			call.Merge(&myCall)
 			refused += myRefused
 			mu.Unlock()
 		})
@@ -345,7 +375,7 @@ func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start ti
 			}
 			for i := s; i < cfg.Destinations; i += slots {
 				if n := cfg.count(i, k); n > 0 {
-					schedCnt += int64(n)
+					scheduled += int64(n)
 					jobs <- job{i, k}
 				}
 			}
@@ -353,7 +383,7 @@ func generate(ctx context.Context, cfg Config, tgt Target, tr *tracker, start ti
 	}
 	close(jobs)
 	senders.Wait()
-	return lag, schedCnt, refused
+	return lag, call, scheduled, refused
 }
 
 // submit sends a batch, retrying retryable refusals for up to 5 s.

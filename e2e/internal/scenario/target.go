@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,8 +50,18 @@ type Parker interface {
 	Parked(ctx context.Context, dest int, fn func(key string)) error
 }
 
+// ParkCounter is a Target that counts, by its own metrics, the impressions
+// it parked, per destination.
+type ParkCounter interface {
+	ParkedImpressions(ctx context.Context) (map[int]int64, error)
+}
+
 // Bulkhead drives a running Bulkhead through its public gRPC APIs.
 type Bulkhead struct {
+	// MetricsURLs, when set, are the router's and deliverer's /metrics
+	// URLs, read for the parked-impression counters.
+	MetricsURLs []string
+
 	ingest []ingestv1.IngestServiceClient
 	admin  adminv1.AdminServiceClient
 	conns  []*grpc.ClientConn
@@ -229,6 +242,54 @@ func (b *Bulkhead) Parked(ctx context.Context, dest int, fn func(string)) error 
 			fn(im.GetKey())
 		}
 	}
+}
+
+// parkMetrics are the counters of impressions put into PARKED: by the
+// router (destination quarantined or paused) and by the deliverer (failed
+// permanently, retries exhausted, or quarantined while waiting).
+var parkMetrics = []struct{ name, must string }{
+	{"bulkhead_router_impressions_total{", `action="park"`},
+	{"bulkhead_deliverer_impressions_parked_total{", ""},
+}
+
+// ParkedImpressions sums the parked-impression counters of MetricsURLs by
+// destination.
+func (b *Bulkhead) ParkedImpressions(ctx context.Context) (map[int]int64, error) {
+	if len(b.MetricsURLs) == 0 {
+		return nil, errors.New("no metrics urls")
+	}
+	out := map[int]int64{}
+	for _, u := range b.MetricsURLs {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return nil, fmt.Errorf("scrape %s: %w", u, err)
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+		resp.Body.Close()
+		if err != nil {
+			return nil, fmt.Errorf("scrape %s: %w", u, err)
+		}
+		for line := range strings.SplitSeq(string(body), "\n") {
+			for _, m := range parkMetrics {
+				if !strings.HasPrefix(line, m.name) || !strings.Contains(line, m.must) {
+					continue
+				}
+				_, rest, _ := strings.Cut(line, `destination="`)
+				id, _, _ := strings.Cut(rest, `"`)
+				i, ok := destIndex(id)
+				sp := strings.LastIndexByte(line, ' ')
+				v, err := strconv.ParseFloat(line[sp+1:], 64)
+				if ok && err == nil {
+					out[i] += int64(v)
+				}
+			}
+		}
+	}
+	return out, nil
 }
 
 // Close closes the gRPC connections.
