@@ -71,3 +71,29 @@ func TestFullStreamRefusesAndIsFull(t *testing.T) {
 		t.Error("IsFull(deadline) = true")
 	}
 }
+
+func TestConcurrentEnsure(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() { errs <- Ensure(ctx, js, Limits{}) }()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent Ensure: %v", err)
+		}
+	}
+	// A changed limit is applied to the existing stream.
+	if err := Ensure(ctx, js, Limits{ParkedMaxAge: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := js.Stream(ctx, subject.StreamParked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.CachedInfo().Config.MaxAge; got != time.Hour {
+		t.Errorf("PARKED max age %v after Ensure with 1h", got)
+	}
+}
