@@ -44,9 +44,11 @@ func Flags(fs *flag.FlagSet) *Config {
 	d.Schedule = schedule.DefaultConfig()
 	d.Retry = retry.DefaultPolicy()
 	d.Defaults = batch.DefaultLimits()
-	fs.IntVar(&d.Workers, "workers", 64, "shared pool of POSTing workers")
+	// Workers are goroutines waiting on sockets, cheap; what matters is that
+	// failing destinations × their in-flight cap stays well below the pool.
+	fs.IntVar(&d.Workers, "workers", 512, "shared pool of POSTing workers")
 	fs.IntVar(&d.Schedule.MaxCap, "max-inflight-per-destination", d.Schedule.MaxCap, "ceiling of the adaptive per-destination in-flight cap")
-	fs.IntVar(&d.Schedule.InitialCap, "initial-inflight-per-destination", 4, "in-flight cap of a new destination")
+	fs.IntVar(&d.Schedule.InitialCap, "initial-inflight-per-destination", d.Schedule.InitialCap, "in-flight cap of a new destination")
 	fs.IntVar(&d.Schedule.MaxQueued, "max-queued-per-destination", d.Schedule.MaxQueued, "ready batches one destination may queue before its consumer pauses")
 	fs.IntVar(&d.Schedule.Quantum, "quantum", d.Schedule.Quantum, "fair-share quantum in impressions (deficit round robin)")
 	fs.DurationVar(&d.Retry.Base, "retry-base", d.Retry.Base, "first retry backoff (doubles per attempt, with jitter)")

@@ -232,7 +232,7 @@ func TestProbeBackoffDoublesAndCaps(t *testing.T) {
 	if got := q.GetNextProbe().AsTime().Sub(q.GetSince().AsTime()); got != 2*time.Second {
 		t.Fatalf("first probe after %v, want 2s", got)
 	}
-	want := []time.Duration{4, 8, 16, 32, 60, 60, 60}
+	want := []time.Duration{4, 8, 16, 30, 30, 30, 30}
 	for i, w := range want {
 		dec, now := probe(t, m, "d", errors.New("connection refused"))
 		wantState(t, dec, eventv1.State_STATE_QUARANTINED)

@@ -52,7 +52,10 @@ type Policy struct {
 
 	// MinUnreachable trips when at least this many attempts got no answer
 	// (timeout, refused, TLS, DNS, blocked) in the last RecentWindow, and
-	// they are at least UnreachableShare of its attempts. Default 3.
+	// they are at least UnreachableShare of its attempts. Default 2: a
+	// hanging destination yields its first timeouts together (the deliverer
+	// keeps two requests in flight to a new destination), and waiting for a
+	// third would cost a whole extra timeout period.
 	MinUnreachable int
 	// RecentWindow is the unreachable rule's span, at most Window.
 	// Default 10s.
@@ -77,7 +80,8 @@ type Policy struct {
 	// ProbeMultiplier multiplies the wait after each failed probe.
 	// Default 2.
 	ProbeMultiplier float64
-	// ProbeMax caps the wait, jitter included. Default 60s.
+	// ProbeMax caps the wait, jitter included. Default 30s, so a destination
+	// that heals is probed, and its backlog replayed, well within a minute.
 	ProbeMax time.Duration
 	// ProbeJitter spreads each wait uniformly by ± this share, so
 	// destinations quarantined together are not probed together.
@@ -129,7 +133,7 @@ func DefaultPolicy() Policy {
 		ConsecutiveFailures: 5,
 		ErrorRate:           0.5,
 		MinAttempts:         20,
-		MinUnreachable:      3,
+		MinUnreachable:      2,
 		RecentWindow:        10 * time.Second,
 		UnreachableShare:    0.5,
 		ThrottledFor:        2 * time.Minute,
@@ -137,7 +141,7 @@ func DefaultPolicy() Policy {
 		SlowFraction:        0.8,
 		ProbeInitial:        2 * time.Second,
 		ProbeMultiplier:     2,
-		ProbeMax:            60 * time.Second,
+		ProbeMax:            30 * time.Second,
 		ProbeJitter:         0.2,
 		ProbeTimeout:        30 * time.Second,
 		FlapCooldown:        5 * time.Minute,
