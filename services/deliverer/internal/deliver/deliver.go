@@ -59,10 +59,11 @@ type Deliverer struct {
 	// retrying counts workers busy with a retry (see RetryShare).
 	retrying atomic.Int64
 
-	mu    sync.Mutex
-	lanes map[string]*lane
-	ctx   context.Context // the run context; nil until Run
-	wg    sync.WaitGroup  // lane pull loops and parking goroutines
+	mu     sync.Mutex
+	lanes  map[string]*lane
+	ctx    context.Context // the run context; nil until Run
+	closed bool            // set when Run winds down; no lane starts after it
+	wg     sync.WaitGroup  // lane pull loops and parking goroutines; Add only under mu
 	// early holds registry changes seen before Run started.
 	early []registry.Change
 }
@@ -91,6 +92,9 @@ func New(js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.L
 func (d *Deliverer) OnChange(c registry.Change) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.closed {
+		return
+	}
 	if d.ctx == nil {
 		d.early = append(d.early, c)
 		return
@@ -163,6 +167,9 @@ func (d *Deliverer) Run(ctx context.Context, reg *registry.Registry) error {
 	go d.watchLag(ctx)
 
 	<-ctx.Done()
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
 	d.sched.Close()
 	workers.Wait()
 	d.wg.Wait()

@@ -44,6 +44,7 @@ type Manager struct {
 	mu      sync.Mutex
 	ctx     context.Context
 	running map[string]context.CancelFunc
+	closed  bool // set by Wait; no replay starts after it
 	wg      sync.WaitGroup
 }
 
@@ -83,7 +84,7 @@ func (m *Manager) OnChange(c registry.Change) {
 func (m *Manager) begin(dest string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.ctx == nil || m.ctx.Err() != nil {
+	if m.closed || m.ctx == nil || m.ctx.Err() != nil {
 		return
 	}
 	if _, ok := m.running[dest]; ok {
@@ -154,4 +155,11 @@ func (m *Manager) replay(ctx context.Context, done context.CancelFunc, dest stri
 }
 
 // Wait blocks until every replay has stopped (after the Start context ends).
-func (m *Manager) Wait() { m.wg.Wait() }
+// No replay starts after Wait is called, so the WaitGroup's Add never races
+// its Wait.
+func (m *Manager) Wait() {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.wg.Wait()
+}
