@@ -55,7 +55,7 @@ func runThroughput(ctx context.Context, log *slog.Logger, args []string) error {
 	def := scenario.Default()
 	def.Destinations, def.FailingShare = 20, 0
 	def.Warmup, def.Steady, def.Outage, def.Recovery, def.DrainMax = 5*time.Second, 20*time.Second, 0, 0, 30*time.Second
-	def.Rate = 10000
+	def.Rate = 20000
 	var c common
 	c.register(fs, def)
 	factor := fs.Float64("rate-factor", 1.4, "each step offers this much more than the previous")

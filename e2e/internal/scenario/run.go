@@ -245,7 +245,7 @@ func Run(ctx context.Context, cfg Config, opts Options) (*Outcome, error) {
 	for tr.nDelivered.Load() < tr.nAccepted.Load() && time.Now().Before(drainEnd) && ctx.Err() == nil {
 		sleepUntil(ctx, time.Now().Add(100*time.Millisecond))
 	}
-	out.DrainWait = time.Since(loadEnd)
+	out.DrainWait = max(time.Since(loadEnd), 0)
 	out.Elapsed = time.Since(start)
 	log.Info("drain done", "system", opts.System, "waited", out.DrainWait.Round(time.Millisecond),
 		"undelivered", tr.nAccepted.Load()-tr.nDelivered.Load())
