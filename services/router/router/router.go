@@ -40,6 +40,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.Float64Var(&c.Recovery.Rate, "replay-rate", 50, "starting replay rate, batches per second")
 	fs.Float64Var(&c.Recovery.MaxRate, "replay-max-rate", 2000, "replay rate ceiling, batches per second")
 	fs.DurationVar(&c.Recovery.RampEvery, "replay-ramp", time.Second, "the replay rate doubles at this interval")
+	fs.Float64Var(&c.Recovery.TotalRate, "replay-total-rate", 1000, "cap on all replays of this replica together, batches per second")
 	fs.StringVar(&c.Recovery.Holder, "replica-id", service.ReplicaID(), "this replica's name in replay leases")
 	return c
 }
@@ -65,6 +66,8 @@ func (c *Config) Validate() error {
 		return errors.New("publish-timeout: want positive and below ack-wait")
 	case c.Recovery.Rate <= 0 || c.Recovery.MaxRate < c.Recovery.Rate:
 		return errors.New("replay-rate must be positive and at most replay-max-rate")
+	case c.Recovery.TotalRate < c.Recovery.Rate:
+		return errors.New("replay-total-rate must be at least replay-rate")
 	case c.Recovery.Holder == "":
 		return errors.New("replica-id is required")
 	}

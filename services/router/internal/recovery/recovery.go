@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
@@ -27,6 +28,10 @@ type Config struct {
 	MaxRate float64
 	// RampEvery doubles the rate at this interval.
 	RampEvery time.Duration
+	// TotalRate caps all replays of this replica together, batches per
+	// second, so many destinations recovering at once (a regional outage
+	// healing) cannot flood delivery for everyone else.
+	TotalRate float64
 	// Holder names this replica in the replay leases.
 	Holder string
 }
@@ -40,6 +45,7 @@ type Manager struct {
 	log     *slog.Logger
 	state   func(id string) eventv1.State
 	batches *prometheus.CounterVec
+	shared  *rate.Limiter
 
 	mu      sync.Mutex
 	ctx     context.Context
@@ -56,6 +62,7 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config, log *slog.Logg
 	}
 	m := &Manager{
 		js: js, leases: kv, cfg: cfg, log: log, running: map[string]context.CancelFunc{},
+		shared: rate.NewLimiter(rate.Limit(cfg.TotalRate), max(1, int(cfg.TotalRate/10))),
 		batches: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bulkhead_router_replayed_batches_total", Help: "Parked batches replayed into delivery, by destination.",
 		}, []string{"destination"}),
@@ -136,6 +143,7 @@ func (m *Manager) replay(ctx context.Context, done context.CancelFunc, dest stri
 				b, n, err := parked.Replay(ctx, m.js, dest, parked.ReplayOptions{
 					Rate: m.cfg.Rate, MaxRate: m.cfg.MaxRate, RampEvery: m.cfg.RampEvery,
 					Continue: func() bool { return ctx.Err() == nil && recovering() },
+					Shared:   m.shared,
 				})
 				m.batches.WithLabelValues(dest).Add(float64(b))
 				if err == nil || ctx.Err() != nil {
