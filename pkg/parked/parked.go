@@ -78,68 +78,45 @@ type Msg struct {
 }
 
 // Each calls fn for every parked batch of dest in r with a sequence ≤ upTo
-// (0: no bound), oldest first, until fn returns an error. It reads through an
-// ephemeral ordered consumer in pages, so it leaves no state behind and may
-// run anywhere, any number of times, concurrently.
+// (0: no bound), oldest first, until fn returns an error. It reads message by
+// message (no consumer state), so it is safe to run anywhere, any number of times.
 func Each(ctx context.Context, js jetstream.JetStream, dest string, r Range, upTo uint64, fn func(Msg) error) error {
 	subj, err := subject.Parked(dest)
 	if err != nil {
 		return err
 	}
-	if n, _, err := Stats(ctx, js, dest); err != nil || n == 0 {
-		return err // nothing parked: an ordered consumer would only wait
-	}
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subj}, DeliverPolicy: jetstream.DeliverAllPolicy}
-	if !r.Start.IsZero() {
-		start := r.Start
-		cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &start
-	}
-	cons, err := js.OrderedConsumer(ctx, subject.StreamParked, cfg)
+	s, err := js.Stream(ctx, subject.StreamParked)
 	if err != nil {
-		return fmt.Errorf("read %s: %w", subj, err)
+		return fmt.Errorf("stream %s: %w", subject.StreamParked, err)
 	}
+	seq := uint64(1)
 	for {
-		// NoWait: take what is stored now; the request ends at once, so an
-		// early return leaves no fetch waiting behind.
-		page, err := cons.FetchNoWait(pageSize)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		raw, err := s.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil
+		}
 		if err != nil {
-			return fmt.Errorf("read %s: %w", subj, err)
+			return fmt.Errorf("get %s from %d: %w", subj, seq, err)
 		}
-		got := 0
-		for m := range page.Messages() {
-			got++
-			md, err := m.Metadata()
-			if err != nil {
-				return fmt.Errorf("read %s: %w", subj, err)
-			}
-			if upTo > 0 && md.Sequence.Stream > upTo {
-				return nil
-			}
-			if !r.End.IsZero() && !md.Timestamp.Before(r.End) {
-				return nil // stored in time order: nothing later is in range
-			}
-			var b eventv1.Batch
-			if err := proto.Unmarshal(m.Data(), &b); err != nil {
-				return fmt.Errorf("decode %s seq %d: %w", subj, md.Sequence.Stream, err)
-			}
-			if err := fn(Msg{Seq: md.Sequence.Stream, Stored: md.Timestamp, Batch: &b}); err != nil {
-				return err
-			}
-			if md.NumPending == 0 {
-				return nil // the last one parked so far
-			}
+		if upTo > 0 && raw.Sequence > upTo {
+			return nil
 		}
-		if err := page.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			return fmt.Errorf("read %s: %w", subj, err)
+		seq = raw.Sequence + 1
+		if !r.contains(raw.Time) {
+			continue
 		}
-		if got == 0 {
-			return ctx.Err() // everything stored when we asked has been read
+		var b eventv1.Batch
+		if err := proto.Unmarshal(raw.Data, &b); err != nil {
+			return fmt.Errorf("decode %s seq %d: %w", subj, raw.Sequence, err)
+		}
+		if err := fn(Msg{Seq: raw.Sequence, Stored: raw.Time, Batch: &b}); err != nil {
+			return err
 		}
 	}
 }
-
-// pageSize is how many parked batches Each fetches per round trip.
-const pageSize = 256
 
 // Stats returns how many batches of dest are parked and when the oldest was stored.
 func Stats(ctx context.Context, js jetstream.JetStream, dest string) (int64, time.Time, error) {
