@@ -8,22 +8,14 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/report"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/stack"
+	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 )
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// The HTTP clients' idle keep-alive connections close on their own timer.
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
-	)
-}
+func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
 
 // TestNoisyNeighborIsolation runs the benchmark scenario at a small size:
 // 12 destinations, 3 of them failing (hang, refused, 503) for 20 s, about
