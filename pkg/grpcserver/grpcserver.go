@@ -5,9 +5,11 @@ package grpcserver
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"buf.build/go/protovalidate"
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -18,8 +20,10 @@ import (
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -161,5 +165,38 @@ func (s *Server) Shutdown(ctx context.Context) {
 	case <-ctx.Done():
 		s.Stop()
 		<-done
+	}
+}
+
+// InvalidArgument is the status for a request field that protovalidate
+// cannot judge (a limit in bytes, a URL policy): InvalidArgument with a
+// BadRequest field violation, so clients can point at the field.
+func InvalidArgument(field, desc string) error {
+	st := status.New(codes.InvalidArgument, field+": "+desc)
+	st, _ = st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: field, Description: desc}}})
+	return st.Err()
+}
+
+// WaitServing polls the standard health service at addr until it answers
+// SERVING (the server is up and Ready was called) or ctx ends.
+func WaitServing(ctx context.Context, addr string) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	hc := healthpb.NewHealthClient(conn)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		resp, err := hc.Check(cctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s not serving: %w (last: %v)", addr, ctx.Err(), err)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }

@@ -137,3 +137,22 @@ func Verify(secrets [][]byte, header http.Header, body []byte, tolerance time.Du
 	}
 	return fmt.Errorf("verify: no signature matches: %w", ErrBadSignature)
 }
+
+// SigningKeys returns the keys a destination's requests are signed with: its
+// current secret, and its previous one while a rotation is still in progress
+// (previousExpires after now), so receivers can verify with either. An
+// unusable previous secret is skipped; an unusable current one is an error
+// wrapping ErrBadSecret.
+func SigningKeys(current, previous string, previousExpires, now time.Time) ([][]byte, error) {
+	cur, err := ParseSecret(current)
+	if err != nil {
+		return nil, err
+	}
+	keys := [][]byte{cur}
+	if previous != "" && previousExpires.After(now) {
+		if prev, err := ParseSecret(previous); err == nil {
+			keys = append(keys, prev)
+		}
+	}
+	return keys, nil
+}

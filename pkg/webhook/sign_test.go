@@ -157,3 +157,34 @@ func TestVerify(t *testing.T) {
 		})
 	}
 }
+
+func TestSigningKeys(t *testing.T) {
+	cur, _ := NewSecret()
+	prev, _ := NewSecret()
+	now := time.Unix(1_700_000_000, 0)
+	tests := []struct {
+		name     string
+		current  string
+		previous string
+		expires  time.Time
+		want     int
+		wantErr  bool
+	}{
+		{"current only", cur, "", time.Time{}, 1, false},
+		{"rotation in progress", cur, prev, now.Add(time.Hour), 2, false},
+		{"rotation over", cur, prev, now.Add(-time.Second), 1, false},
+		{"unusable previous is skipped", cur, "whsec_bad", now.Add(time.Hour), 1, false},
+		{"unusable current", "nope", prev, now.Add(time.Hour), 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			keys, err := SigningKeys(tt.current, tt.previous, tt.expires, now)
+			if (err != nil) != tt.wantErr || len(keys) != tt.want {
+				t.Fatalf("got %d keys, err %v; want %d, error %v", len(keys), err, tt.want, tt.wantErr)
+			}
+			if tt.wantErr && !errors.Is(err, ErrBadSecret) {
+				t.Errorf("error %v does not wrap ErrBadSecret", err)
+			}
+		})
+	}
+}

@@ -9,7 +9,6 @@ require (
 	github.com/bulkhead-io/bulkhead/services/monitor v0.0.0
 	github.com/bulkhead-io/bulkhead/services/router v0.0.0
 	github.com/nats-io/nats-server/v2 v2.15.2
-	google.golang.org/grpc v1.85.0
 )
 
 require (
@@ -45,6 +44,7 @@ require (
 	golang.org/x/time v0.16.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20260819154853-08b0e4226688 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20261110000943-09e21b237f2c // indirect
+	google.golang.org/grpc v1.85.0 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
 

@@ -16,11 +16,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
@@ -151,30 +149,13 @@ func configure[C any](flags func(*flag.FlagSet) *C, prefix, natsURL string, defa
 	return c, nil
 }
 
-// waitServing polls the standard health service of each address until it
-// answers SERVING, so the banner appears only when the stack can be used.
+// waitServing waits until every address answers SERVING, so the banner
+// appears only when the stack can be used.
 func waitServing(ctx context.Context, addrs ...string) error {
 	for _, addr := range addrs {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
+		if err := grpcserver.WaitServing(ctx, addr); err != nil {
 			return err
 		}
-		hc := healthpb.NewHealthClient(conn)
-		for {
-			cctx, cancel := context.WithTimeout(ctx, time.Second)
-			resp, err := hc.Check(cctx, &healthpb.HealthCheckRequest{})
-			cancel()
-			if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
-				break
-			}
-			select {
-			case <-ctx.Done():
-				_ = conn.Close()
-				return ctx.Err()
-			case <-time.After(100 * time.Millisecond):
-			}
-		}
-		_ = conn.Close()
 	}
 	return nil
 }

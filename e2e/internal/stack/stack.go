@@ -19,11 +19,11 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
 	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
 	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
@@ -165,27 +165,14 @@ func Start(opts Options) (*Stack, error) {
 	return s, nil
 }
 
-// waitServing polls the standard health service of each address until it
-// answers SERVING: the service has connected, created its streams and serves.
+// waitServing waits until every address answers SERVING: the service has
+// connected, created its streams and serves.
 func (s *Stack) waitServing(addrs []string) error {
-	deadline := time.Now().Add(30 * time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	for _, addr := range addrs {
-		conn, err := s.Dial(addr)
-		if err != nil {
-			return err
-		}
-		hc := healthpb.NewHealthClient(conn)
-		for {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
-			cancel()
-			if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
-				break
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("stack: %s not serving after 30s: %v", addr, err)
-			}
-			time.Sleep(50 * time.Millisecond)
+		if err := grpcserver.WaitServing(ctx, addr); err != nil {
+			return fmt.Errorf("stack: %w", err)
 		}
 	}
 	return nil

@@ -254,20 +254,13 @@ func (d *Deliverer) timeout(dest *adminv1.Destination) time.Duration {
 	return d.cfg.DefaultTimeout
 }
 
-// secrets returns the destination's signing keys: the current one, and the
-// previous one while a rotation is in progress.
+// secrets returns the destination's signing keys (both during a rotation).
 func secrets(dest *adminv1.Destination, now time.Time) ([][]byte, error) {
-	cur, err := webhook.ParseSecret(dest.GetSecret())
+	keys, err := webhook.SigningKeys(dest.GetSecret(), dest.GetPreviousSecret(), dest.GetPreviousSecretExpires().AsTime(), now)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s secret: %w", dest.GetId(), err)
 	}
-	out := [][]byte{cur}
-	if dest.GetPreviousSecret() != "" && dest.GetPreviousSecretExpires().AsTime().After(now) {
-		if prev, err := webhook.ParseSecret(dest.GetPreviousSecret()); err == nil {
-			out = append(out, prev)
-		}
-	}
-	return out, nil
+	return keys, nil
 }
 
 func jitter() float64 { return rand.Float64() }

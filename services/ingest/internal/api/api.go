@@ -29,6 +29,7 @@ import (
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
@@ -116,7 +117,7 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 	n := len(req.GetImpressions())
 	if size := proto.Size(req); s.limits.MaxBatchBytes > 0 && size > s.limits.MaxBatchBytes {
 		s.metrics.refused(tenant, "too_large", n)
-		return nil, "", invalid("impressions", fmt.Sprintf("batch is %d bytes; the limit is %d", size, s.limits.MaxBatchBytes))
+		return nil, "", grpcserver.InvalidArgument("impressions", fmt.Sprintf("batch is %d bytes; the limit is %d", size, s.limits.MaxBatchBytes))
 	}
 	if lim := s.limiter(tenant); lim != nil {
 		if r := lim.ReserveN(time.Now(), n); !r.OK() || r.Delay() > 0 {
@@ -297,10 +298,4 @@ func newBatchID(tenant, idempotencyKey string) string {
 	var b [12]byte
 	_, _ = rand.Read(b[:])
 	return "b_" + hex.EncodeToString(b[:])
-}
-
-func invalid(field, desc string) error {
-	st := status.New(codes.InvalidArgument, field+": "+desc)
-	st, _ = st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: field, Description: desc}}})
-	return st.Err()
 }

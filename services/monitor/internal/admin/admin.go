@@ -22,6 +22,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/audit"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
@@ -108,14 +109,14 @@ func (s *Server) CreateDestination(ctx context.Context, req *adminv1.CreateDesti
 // policy, the secret's format.
 func (s *Server) check(d *adminv1.Destination) error {
 	if d.GetId() == "" || d.GetTenantId() == "" || d.GetUrl() == "" {
-		return invalidArg("destination", "id, tenant_id and url are required")
+		return grpcserver.InvalidArgument("destination", "id, tenant_id and url are required")
 	}
 	if _, err := s.policy.CheckURL(d.GetUrl()); err != nil {
-		return invalidArg("destination.url", err.Error())
+		return grpcserver.InvalidArgument("destination.url", err.Error())
 	}
 	if d.GetSecret() != "" {
 		if _, err := webhook.ParseSecret(d.GetSecret()); err != nil {
-			return invalidArg("destination.secret", "want whsec_<base64 of 24-64 random bytes>")
+			return grpcserver.InvalidArgument("destination.secret", "want whsec_<base64 of 24-64 random bytes>")
 		}
 	}
 	return nil
@@ -214,7 +215,7 @@ func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDesti
 		return nil, err
 	}
 	if in.GetTenantId() != old.GetTenantId() {
-		return nil, invalidArg("destination.tenant_id", "a destination cannot move to another tenant")
+		return nil, grpcserver.InvalidArgument("destination.tenant_id", "a destination cannot move to another tenant")
 	}
 	d := proto.Clone(in).(*adminv1.Destination)
 	d.Secret = old.GetSecret()

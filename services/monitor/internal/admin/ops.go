@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -360,12 +359,6 @@ func (s *Server) WatchDecisions(req *adminv1.WatchDecisionsRequest, stream grpc.
 			}
 		}
 	}
-}
-
-func invalidArg(field, desc string) error {
-	st := status.New(codes.InvalidArgument, field+": "+desc)
-	st, _ = st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: field, Description: desc}}})
-	return st.Err()
 }
 
 func sortStrings(s []string) []string {

@@ -390,7 +390,7 @@ func (e *Engine) probe(ctx context.Context, m *health.Machine, d *eventv1.Decisi
 }
 
 func (e *Engine) send(ctx context.Context, dest *adminv1.Destination, id string, body []byte) webhook.Result {
-	keys, err := signingKeys(dest)
+	keys, err := webhook.SigningKeys(dest.GetSecret(), dest.GetPreviousSecret(), dest.GetPreviousSecretExpires().AsTime(), time.Now())
 	if err != nil {
 		return webhook.Result{Err: err, Class: eventv1.ErrorClass_ERROR_CLASS_OTHER}
 	}
@@ -398,20 +398,6 @@ func (e *Engine) send(ctx context.Context, dest *adminv1.Destination, id string,
 		URL: dest.GetUrl(), ID: id, Body: body, Gzip: dest.GetGzip(), Secrets: keys,
 		Timeout: dest.GetTimeout().AsDuration(), SuccessCodes: dest.GetSuccessCodes(),
 	})
-}
-
-func signingKeys(dest *adminv1.Destination) ([][]byte, error) {
-	cur, err := webhook.ParseSecret(dest.GetSecret())
-	if err != nil {
-		return nil, err
-	}
-	keys := [][]byte{cur}
-	if dest.GetPreviousSecret() != "" && dest.GetPreviousSecretExpires().AsTime().After(time.Now()) {
-		if prev, err := webhook.ParseSecret(dest.GetPreviousSecret()); err == nil {
-			keys = append(keys, prev)
-		}
-	}
-	return keys, nil
 }
 
 func (e *Engine) publishProbeOutcome(ctx context.Context, dest *adminv1.Destination, id string, res webhook.Result) {
