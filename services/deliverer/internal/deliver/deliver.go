@@ -217,11 +217,13 @@ func (d *Deliverer) watchLag(ctx context.Context) {
 			return
 		case <-t.C:
 			for _, l := range d.snapshot() {
-				ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				if info, err := l.cons.Info(ictx); err == nil {
-					d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
+				if cons := l.consumer(); cons != nil {
+					ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+					if info, err := cons.Info(ictx); err == nil {
+						d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
+					}
+					cancel()
 				}
-				cancel()
 				if st, ok := d.sched.Stats(l.id); ok {
 					d.metrics.inflight.WithLabelValues(l.id).Set(float64(st.InFlight))
 					d.metrics.capacity.WithLabelValues(l.id).Set(float64(st.Cap))

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -43,7 +44,9 @@ type lane struct {
 	d      *Deliverer
 	id     string
 	tenant string
-	cons   jetstream.Consumer
+	// cons is set once ensureConsumer succeeds; the lag watcher reads it
+	// from its own goroutine, possibly before then.
+	cons atomic.Pointer[jetstream.Consumer]
 
 	mu      sync.Mutex
 	dest    *adminv1.Destination
@@ -148,7 +151,7 @@ func (l *lane) run(ctx context.Context) {
 	if !l.ensureConsumer(ctx) {
 		return
 	}
-	it, err := l.cons.Messages(jetstream.PullMaxMessages(64))
+	it, err := l.consumer().Messages(jetstream.PullMaxMessages(64))
 	if err != nil {
 		l.d.log.Error("consume", "destination", l.id, "err", err)
 		return
@@ -357,6 +360,14 @@ func (l *lane) handBack() {
 	}
 }
 
+// consumer returns the destination's consumer, or nil before it exists.
+func (l *lane) consumer() jetstream.Consumer {
+	if c := l.cons.Load(); c != nil {
+		return *c
+	}
+	return nil
+}
+
 func (l *lane) isDeleted() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -374,7 +385,7 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 	name, _ := subject.DeliverConsumer(l.id) // valid: Deliver checked the id
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		l.cons, err = l.d.js.CreateOrUpdateConsumer(cctx, subject.StreamDelivery, jetstream.ConsumerConfig{
+		cons, err := l.d.js.CreateOrUpdateConsumer(cctx, subject.StreamDelivery, jetstream.ConsumerConfig{
 			Durable:       name,
 			Description:   "deliverers of destination " + l.id,
 			FilterSubject: subj,
@@ -385,6 +396,7 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 		})
 		cancel()
 		if err == nil {
+			l.cons.Store(&cons)
 			return true
 		}
 		l.d.log.Error("create consumer", "destination", l.id, "err", err)
@@ -407,7 +419,7 @@ func (l *lane) backlogEmpty(ctx context.Context) bool {
 	}
 	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	info, err := l.cons.Info(ictx)
+	info, err := l.consumer().Info(ictx)
 	return err == nil && info.NumPending == 0 && info.NumAckPending == 0
 }
 
