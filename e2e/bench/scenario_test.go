@@ -32,7 +32,7 @@ func TestNoisyNeighborIsolation(t *testing.T) {
 	cfg.Senders = 8
 
 	keys := scenario.KeyPairs(cfg.Destinations)
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: keys})
+	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: keys, Log: stack.TestLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

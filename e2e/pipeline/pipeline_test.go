@@ -30,7 +30,7 @@ func start(t *testing.T, tune func(*stack.Configs)) (*stack.Stack, ingestv1.Inge
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), Tune: tune})
+	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), Tune: tune, Log: stack.TestLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

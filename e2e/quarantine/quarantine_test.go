@@ -280,7 +280,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 	const (
 		hang, refused, unavailable, flapping, slow = 0, 1, 2, 3, 4
 	)
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: apiKeys(dests), Monitors: 2})
+	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: apiKeys(dests), Monitors: 2, Log: stack.TestLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -460,7 +460,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: []string{"key-t1=t1"}})
+	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), APIKeys: []string{"key-t1=t1"}, Log: stack.TestLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -59,6 +59,7 @@ type Registry struct {
 	dests     map[string]*adminv1.Destination
 	byTenant  map[string][]*adminv1.Destination
 	decisions map[string]*eventv1.Decision
+	cur       *current
 }
 
 // Watch loads both buckets and keeps the view current until ctx ends. It
@@ -80,6 +81,14 @@ func Watch(ctx context.Context, js jetstream.JetStream, log *slog.Logger, onChan
 	if err != nil {
 		return nil, fmt.Errorf("bucket %s: %w", subject.BucketQuarantine, err)
 	}
+	// The bucket's last sequence before the watch starts: the initial values
+	// cover it even when its message is gone (a purged stream).
+	destStream, err := js.Stream(ctx, "KV_"+subject.BucketDestinations)
+	if err != nil {
+		return nil, fmt.Errorf("bucket %s: %w", subject.BucketDestinations, err)
+	}
+	r.cur = newCurrent(destStream)
+	loaded := destStream.CachedInfo().State.LastSeq
 	for _, w := range []struct {
 		kv   jetstream.KeyValue
 		kind Kind
@@ -95,6 +104,9 @@ func Watch(ctx context.Context, js jetstream.JetStream, log *slog.Logger, onChan
 				break
 			}
 			r.apply(w.kind, e, log, onChange)
+		}
+		if w.kind == DestinationChanged {
+			r.cur.apply(loaded)
 		}
 		go func(watcher jetstream.KeyWatcher, kind Kind) {
 			defer func() { _ = watcher.Stop() }()
@@ -117,6 +129,11 @@ func Watch(ctx context.Context, js jetstream.JetStream, log *slog.Logger, onChan
 }
 
 func (r *Registry) apply(kind Kind, e jetstream.KeyValueEntry, log *slog.Logger, onChange func(Change)) {
+	if kind == DestinationChanged {
+		// Counted even when the value is ignored below: the view is as
+		// current as the watch, whatever the value held.
+		defer r.cur.apply(e.Revision())
+	}
 	c := Change{Kind: kind, ID: e.Key()}
 	deleted := e.Operation() != jetstream.KeyValuePut
 	switch kind {

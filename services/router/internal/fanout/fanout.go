@@ -125,9 +125,15 @@ func (r *Router) handle(m jetstream.Msg) {
 		}
 		return
 	}
-	targets := route.Plan(&b, r.reg.ForTenant(b.GetTenantId()), r.reg.State)
 	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.PublishTimeout)
 	defer cancel()
+	// A destination created before this batch was accepted must get it,
+	// even if the registry watch has not delivered the destination yet.
+	if err := r.reg.AwaitCurrent(ctx, start); err != nil {
+		r.retryLater(m, err)
+		return
+	}
+	targets := route.Plan(&b, r.reg.ForTenant(b.GetTenantId()), r.reg.State)
 	if err := r.publish(ctx, &b, targets); err != nil {
 		r.retryLater(m, err)
 		return

@@ -1,0 +1,53 @@
+package stack
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// keptLogLines is how much of the services' log a failed test prints.
+const keptLogLines = 300
+
+// TestLogger returns a logger for the services under test. Their log is
+// kept and, if the test fails, its last lines are printed with the failure,
+// so a red CI run shows what the services were doing. With
+// BULKHEAD_TEST_LOG set it also goes to stderr as it happens.
+func TestLogger(t testing.TB) *slog.Logger {
+	b := &lockedBuffer{}
+	var w io.Writer = b
+	if os.Getenv("BULKHEAD_TEST_LOG") != "" {
+		w = io.MultiWriter(b, os.Stderr)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("services' log (last %d lines):\n%s", keptLogLines, b.tail(keptLogLines))
+		}
+	})
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) tail(n int) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	lines := strings.Split(strings.TrimRight(b.buf.String(), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
