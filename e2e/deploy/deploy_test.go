@@ -443,7 +443,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 				if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), strings.TrimPrefix(s, "sub:")) {
 					t.Errorf("%s %s: %v, want a permission violation", user, s, err)
 				}
-			case <-time.After(2 * time.Second):
+			case <-time.After(15 * time.Second):
 				t.Errorf("%s may %s", user, s)
 			}
 		}

@@ -140,7 +140,7 @@ func TestBehaviors(t *testing.T) {
 				t.Errorf("SlowOK answered after %v, want >= 150ms", time.Since(began))
 			}
 			if tc.check != nil {
-				natstest.CheckFor(t, 2*time.Second, 10*time.Millisecond, func() error { return tc.check(f.Stats(0)) })
+				natstest.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error { return tc.check(f.Stats(0)) })
 			}
 			arr := f.Drain()
 			if !tc.arrives {
@@ -293,7 +293,7 @@ func TestCloseReleasesHang(t *testing.T) {
 		_, _, err := post(c, f.URL(0), "h", false, "k")
 		errc <- err
 	}()
-	natstest.CheckFor(t, 2*time.Second, 10*time.Millisecond, func() error {
+	natstest.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error {
 		if f.Stats(0).Hung != 1 {
 			return errors.New("request not hung yet")
 		}

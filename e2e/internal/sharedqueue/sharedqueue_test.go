@@ -88,7 +88,7 @@ func TestHealthyEverythingArrives(t *testing.T) {
 	if err := f.WaitDelivered(ctx, want, 5*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 2*time.Second, 5*time.Millisecond, func() error {
+	natstest.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
 		if s := q.Stats(); s.Delivered != want || s.Held != 0 || s.Failures != 0 || s.Submitted != want {
 			return fmt.Errorf("stats %+v, want %d delivered, none held or failed", s, want)
 		}
@@ -163,7 +163,7 @@ func TestLingerMergesPerDestination(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	if err := f.WaitDelivered(ctx, 100, 5*time.Millisecond); err != nil {
 		t.Fatal(err)
@@ -198,7 +198,7 @@ func TestRetriesAtTailThenExhausts(t *testing.T) {
 	if err := q.Submit(f.URL(0), imps("x", 7)); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 5*time.Second, 5*time.Millisecond, func() error {
+	natstest.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
 		if s := q.Stats(); s.Exhausted != 7 || s.Held != 0 || s.Attempts != 3 || s.Status != 3 || s.Waiting != 0 {
 			return fmt.Errorf("stats %+v, want 7 exhausted after 3 attempts", s)
 		}
