@@ -2,6 +2,8 @@ package registry
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -9,8 +11,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// CurrentTimeout bounds how long AwaitCurrent waits for the watch to reach
-// the bucket's last sequence before it accepts the view as it is.
+// CurrentTimeout bounds one check of AwaitCurrent: the stream-info request
+// and the wait for the watch to reach the bucket's last sequence.
 const CurrentTimeout = 2 * time.Second
 
 // current makes the destinations view read-your-writes for the data plane:
@@ -19,14 +21,16 @@ const CurrentTimeout = 2 * time.Second
 // last revision the watch applied with the bucket's last sequence, asked of
 // the stream leader, and shares one check among every caller that can use it.
 type current struct {
-	stream jetstream.Stream // the destinations bucket's stream
+	js      jetstream.JetStream
+	stream  jetstream.Stream // the destinations bucket's stream
+	timeout time.Duration
 
 	mu      sync.Mutex
 	applied uint64        // highest revision the watch has applied
 	grew    chan struct{} // closed (and replaced) when applied grows
 	asOf    time.Time     // start of the last check that succeeded
 	check   *check        // in flight, or nil
-	gaveUp  uint64        // last sequence a check timed out waiting for
+	gone    uint64        // a last sequence whose message no longer exists
 }
 
 // check is one comparison; callers that arrive while it runs wait for it.
@@ -36,8 +40,8 @@ type check struct {
 	err   error
 }
 
-func newCurrent(s jetstream.Stream) *current {
-	return &current{stream: s, grew: make(chan struct{})}
+func newCurrent(js jetstream.JetStream, s jetstream.Stream) *current {
+	return &current{js: js, stream: s, timeout: CurrentTimeout, grew: make(chan struct{})}
 }
 
 // apply records that the watch applied a revision.
@@ -56,10 +60,11 @@ func (c *current) apply(rev uint64) {
 // stream-info request serves every caller waiting at the same time, so under
 // load the cost is about one round trip per wave of batches.
 //
-// If the watch does not reach the bucket's last sequence within
-// CurrentTimeout it returns an error, and accepts that sequence without
-// waiting the next time: the last message may have been removed outside the
-// KV API (then no watch will ever deliver it) and routing must not stall.
+// It returns an error when that cannot be confirmed within CurrentTimeout
+// (the bucket does not answer, or the watch is behind): the caller must not
+// act on the view and should retry. The one exception is a last sequence
+// whose message was removed outside the KV API, which no watch will ever
+// deliver: once the stream leader confirms it is gone it is not waited for.
 func (r *Registry) AwaitCurrent(ctx context.Context, since time.Time) error {
 	c := r.cur
 	for {
@@ -88,7 +93,7 @@ func (r *Registry) AwaitCurrent(ctx context.Context, since time.Time) error {
 }
 
 func (c *current) run(ch *check) {
-	ctx, cancel := context.WithTimeout(context.Background(), CurrentTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
 	ch.err = c.reach(ctx)
 	c.mu.Lock()
@@ -109,19 +114,61 @@ func (c *current) reach(ctx context.Context) error {
 	last := info.State.LastSeq
 	for {
 		c.mu.Lock()
-		applied, grew, gaveUp := c.applied, c.grew, c.gaveUp
-		if applied >= last || last == gaveUp {
-			c.mu.Unlock()
+		applied, grew, gone := c.applied, c.grew, c.gone
+		c.mu.Unlock()
+		if applied >= last || last == gone {
 			return nil
 		}
-		c.mu.Unlock()
 		select {
 		case <-grew:
 		case <-ctx.Done():
+			behind := fmt.Errorf("destinations view behind: watch applied revision %d, bucket is at %d", applied, last)
+			gctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+			defer cancel()
+			missing, err := c.missing(gctx, last, info.State.FirstSeq)
+			if err != nil {
+				return fmt.Errorf("%w (and the stream leader did not say whether it exists: %v)", behind, err)
+			}
+			if !missing {
+				return behind
+			}
 			c.mu.Lock()
-			c.gaveUp = last
+			c.gone = last
 			c.mu.Unlock()
-			return fmt.Errorf("destinations view behind: watch applied revision %d, bucket is at %d", applied, last)
+			return nil
 		}
+	}
+}
+
+// missing asks the stream leader whether the bucket's message seq is gone.
+// Not a direct get: any replica answers those, and a lagging one would say
+// "not found" for a message that exists.
+func (c *current) missing(ctx context.Context, seq, first uint64) (bool, error) {
+	if seq < first {
+		return true, nil // the stream was purged
+	}
+	req, err := json.Marshal(struct {
+		Seq uint64 `json:"seq"`
+	}{seq})
+	if err != nil {
+		return false, err
+	}
+	resp, err := c.js.Conn().RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+c.stream.CachedInfo().Config.Name, req)
+	if err != nil {
+		return false, err
+	}
+	var answer struct {
+		Error *jetstream.APIError `json:"error"`
+	}
+	if err := json.Unmarshal(resp.Data, &answer); err != nil {
+		return false, fmt.Errorf("message get answer: %w", err)
+	}
+	switch {
+	case answer.Error == nil:
+		return false, nil
+	case answer.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+		return true, nil
+	default:
+		return false, errors.New(answer.Error.Error())
 	}
 }

@@ -87,7 +87,7 @@ func Watch(ctx context.Context, js jetstream.JetStream, log *slog.Logger, onChan
 	if err != nil {
 		return nil, fmt.Errorf("bucket %s: %w", subject.BucketDestinations, err)
 	}
-	r.cur = newCurrent(destStream)
+	r.cur = newCurrent(js, destStream)
 	loaded := destStream.CachedInfo().State.LastSeq
 	for _, w := range []struct {
 		kv   jetstream.KeyValue

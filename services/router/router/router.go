@@ -99,7 +99,11 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	if err != nil {
 		return err
 	}
-	dests, err := registry.Watch(ctx, js, log, rec.OnChange)
+	// The view outlives ctx until Run returns: batches still being routed
+	// during shutdown need a current view too.
+	viewCtx, stopView := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopView()
+	dests, err := registry.Watch(viewCtx, js, log, rec.OnChange)
 	if err != nil {
 		return err
 	}

@@ -130,6 +130,7 @@ func (r *Router) handle(m jetstream.Msg) {
 	// A destination created before this batch was accepted must get it,
 	// even if the registry watch has not delivered the destination yet.
 	if err := r.reg.AwaitCurrent(ctx, start); err != nil {
+		r.metrics.viewBehind.Inc()
 		r.retryLater(m, err)
 		return
 	}

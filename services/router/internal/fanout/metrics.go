@@ -7,6 +7,7 @@ type metrics struct {
 	impressions *prometheus.CounterVec
 	latency     prometheus.Histogram
 	full        prometheus.Counter
+	viewBehind  prometheus.Counter
 	pending     prometheus.Gauge
 	ackPending  prometheus.Gauge
 }
@@ -26,6 +27,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		full: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "bulkhead_router_stream_full_total", Help: "Routing attempts refused because DELIVERY or PARKED was full (alarm).",
 		}),
+		viewBehind: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_router_view_behind_total", Help: "Batches handed back because the destination view could not be confirmed current (alarm if it keeps rising).",
+		}),
 		pending: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bulkhead_router_consumer_pending", Help: "Accepted batches not yet pulled by any router (lag).",
 		}),
@@ -33,7 +37,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "bulkhead_router_consumer_ack_pending", Help: "Batches pulled but not yet acknowledged.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.batches, m.impressions, m.latency, m.full, m.pending, m.ackPending} {
+	for _, c := range []prometheus.Collector{m.batches, m.impressions, m.latency, m.full, m.viewBehind, m.pending, m.ackPending} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
