@@ -84,28 +84,82 @@ func (r *Router) Run(ctx context.Context) error {
 	}()
 	go r.watchLag(ctx, cons)
 
-	work := make(chan jetstream.Msg)
+	// Three stages: this loop stamps each batch with when it was received,
+	// the gate lets batches through in waves once the destination view is
+	// known to be current as of the wave's newest one, and the workers
+	// route. Waiting in waves, not per worker, keeps the view check (one
+	// round trip) from capping throughput at workers per round trip.
+	arrivals := make(chan arrival, 2*r.cfg.Workers)
+	work := make(chan arrival)
 	var wg sync.WaitGroup
 	for range r.cfg.Workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for m := range work {
-				r.handle(m)
+			for a := range work {
+				r.handle(a)
 			}
 		}()
 	}
+	gated := make(chan struct{})
+	go func() {
+		defer close(gated)
+		r.gate(arrivals, work)
+		close(work)
+	}()
 	for {
 		m, err := it.Next()
 		if err != nil {
-			close(work)
+			close(arrivals)
+			<-gated
 			wg.Wait()
 			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
 				return nil
 			}
 			return err
 		}
-		work <- m
+		arrivals <- arrival{msg: m, at: time.Now()}
+	}
+}
+
+// arrival is a pulled batch and when this router received it.
+type arrival struct {
+	msg jetstream.Msg
+	at  time.Time
+}
+
+// gate passes batches to the workers once the destination view holds every
+// change stored before they were received: a destination created before a
+// batch was accepted gets that batch even if the registry watch has not
+// delivered the destination yet. It takes every batch waiting at the time
+// as one wave, so the check costs one round trip per wave.
+func (r *Router) gate(arrivals <-chan arrival, work chan<- arrival) {
+	var wave []arrival
+	for a := range arrivals {
+		wave = append(wave[:0], a)
+	more:
+		for {
+			select {
+			case a, ok := <-arrivals:
+				if !ok {
+					break more
+				}
+				wave = append(wave, a)
+			default:
+				break more
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.PublishTimeout)
+		err := r.reg.AwaitCurrent(ctx, wave[len(wave)-1].at)
+		cancel()
+		for _, a := range wave {
+			if err != nil {
+				r.metrics.viewBehind.Inc()
+				r.retryLater(a.msg, err)
+				continue
+			}
+			work <- a
+		}
 	}
 }
 
@@ -113,8 +167,8 @@ func (r *Router) Run(ctx context.Context) error {
 // shutdown (bounded by PublishTimeout) so no batch is left half-routed longer
 // than needed; a half-routed batch is safe anyway: it is redelivered and the
 // outputs already stored are de-duplicated by message id.
-func (r *Router) handle(m jetstream.Msg) {
-	start := time.Now()
+func (r *Router) handle(a arrival) {
+	m := a.msg
 	var b eventv1.Batch
 	if err := proto.Unmarshal(m.Data(), &b); err != nil {
 		// Ingest only stores valid batches; this is corruption, not input.
@@ -127,13 +181,6 @@ func (r *Router) handle(m jetstream.Msg) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.PublishTimeout)
 	defer cancel()
-	// A destination created before this batch was accepted must get it,
-	// even if the registry watch has not delivered the destination yet.
-	if err := r.reg.AwaitCurrent(ctx, start); err != nil {
-		r.metrics.viewBehind.Inc()
-		r.retryLater(m, err)
-		return
-	}
 	targets := route.Plan(&b, r.reg.ForTenant(b.GetTenantId()), r.reg.State)
 	if err := r.publish(ctx, &b, targets); err != nil {
 		r.retryLater(m, err)
@@ -145,7 +192,7 @@ func (r *Router) handle(m jetstream.Msg) {
 		r.log.Warn("ack", "err", err)
 	}
 	r.metrics.batches.WithLabelValues("routed").Inc()
-	r.metrics.latency.Observe(time.Since(start).Seconds())
+	r.metrics.latency.Observe(time.Since(a.at).Seconds())
 	for _, t := range targets {
 		action := "deliver"
 		if t.Park {

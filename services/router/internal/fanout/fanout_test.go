@@ -390,3 +390,31 @@ func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
 		t.Errorf("imp.parked.held holds %d batches, want 1", len(got))
 	}
 }
+
+// A destination stored before a batch was accepted gets that batch, however
+// soon after: the router waits for its view to be current, it does not route
+// with whatever the watch has delivered so far.
+func TestDestinationCreatedJustBeforeABatchGetsIt(t *testing.T) {
+	f := start(t, nil, nil)
+	ctx := context.Background()
+	destKV, err := f.js.KeyValue(ctx, subject.BucketDestinations)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 50
+	for i := range n {
+		id, tenant := fmt.Sprintf("d%d", i), fmt.Sprintf("t%d", i)
+		b, _ := registry.Encode(&adminv1.Destination{Id: id, TenantId: tenant, Url: "https://example.com/" + id, Enabled: true})
+		if _, err := destKV.Put(ctx, id, b); err != nil {
+			t.Fatal(err)
+		}
+		f.submit(t, &eventv1.Batch{BatchId: "b" + id, TenantId: tenant, Impressions: []*ingestv1.Impression{imp("k"+id, "s")}}, "b"+id)
+	}
+	f.routed(t)
+	for i := range n {
+		subj, _ := subject.Deliver(fmt.Sprintf("d%d", i))
+		if got, _ := f.on(t, subject.StreamDelivery, subj); len(got) != 1 {
+			t.Errorf("d%d: %d batches on %s, want the one submitted right after it was created", i, len(got), subj)
+		}
+	}
+}

@@ -21,7 +21,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "bulkhead_router_impressions_total", Help: "Impressions routed, by destination and action (deliver, park).",
 		}, []string{"destination", "action"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "bulkhead_router_route_seconds", Help: "Time to route one batch (all outputs stored).",
+			Name: "bulkhead_router_route_seconds", Help: "Time from receiving a batch to all its outputs stored (the destination-view check included).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
 		full: prometheus.NewCounter(prometheus.CounterOpts{
