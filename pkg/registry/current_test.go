@@ -2,12 +2,14 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 )
 
@@ -152,6 +154,14 @@ func TestAwaitCurrentHonoursContext(t *testing.T) {
 	if err := r.AwaitCurrent(ctx, time.Now()); err == nil {
 		t.Fatal("cancelled context, AwaitCurrent returned nil")
 	}
-	// Let the abandoned check end before goleak looks.
-	time.Sleep(time.Second)
+	// The abandoned check ends by its own timeout; wait for it before
+	// goleak looks.
+	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		r.cur.mu.Lock()
+		defer r.cur.mu.Unlock()
+		if r.cur.check != nil {
+			return errors.New("check still running")
+		}
+		return nil
+	})
 }
