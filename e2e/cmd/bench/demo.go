@@ -22,9 +22,6 @@ func runDemo(ctx context.Context, log *slog.Logger, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := c.finish(); err != nil {
-		return err
-	}
 	bin, cleanup, err := c.prepare(ctx, log)
 	if err != nil {
 		return err

@@ -68,17 +68,16 @@ func (c *common) register(fs *flag.FlagSet, def scenario.Config) {
 	fs.BoolVar(&c.keep, "keep", false, "keep the work directory")
 }
 
-func (c *common) finish() error {
-	mix, err := scenario.ParseMix(c.mix)
-	if err != nil {
-		return err
-	}
-	c.cfg.FailMix = mix
-	return c.cfg.Validate()
-}
-
-// env prepares the work directory and the dev stack binary.
+// prepare completes and checks the configuration (after the flags are parsed
+// and any subcommand overrides set), then makes the work directory and builds
+// the dev stack binary.
 func (c *common) prepare(ctx context.Context, log *slog.Logger) (bin string, cleanup func(), err error) {
+	if c.cfg.FailMix, err = scenario.ParseMix(c.mix); err != nil {
+		return "", nil, err
+	}
+	if err := c.cfg.Validate(); err != nil {
+		return "", nil, err
+	}
 	root, err := repoRoot()
 	if err != nil {
 		return "", nil, err
@@ -188,9 +187,6 @@ func runScenario(ctx context.Context, log *slog.Logger, args []string) error {
 	outDir := fs.String("out", "docs/bench", "directory for the report files (relative to the repository root)")
 	name := fs.String("name", "scenario", "base name of the report files (<name>.md, .json, .png)")
 	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := c.finish(); err != nil {
 		return err
 	}
 	bin, cleanup, err := c.prepare(ctx, log)

@@ -71,9 +71,6 @@ func runThroughput(ctx context.Context, log *slog.Logger, args []string) error {
 		return err
 	}
 	c.cfg.FailingShare = 0
-	if err := c.finish(); err != nil {
-		return err
-	}
 	bin, cleanup, err := c.prepare(ctx, log)
 	if err != nil {
 		return err
