@@ -134,8 +134,8 @@ func (r *Registry) apply(kind Kind, e jetstream.KeyValueEntry, log *slog.Logger,
 		// current as the watch, whatever the value held.
 		defer r.cur.apply(e.Revision())
 	}
-	c := Change{Kind: kind, ID: e.Key()}
 	deleted := e.Operation() != jetstream.KeyValuePut
+	c := Change{Kind: kind, ID: e.Key(), Deleted: deleted}
 	switch kind {
 	case DestinationChanged:
 		var d adminv1.Destination
@@ -146,7 +146,6 @@ func (r *Registry) apply(kind Kind, e jetstream.KeyValueEntry, log *slog.Logger,
 			}
 			c.Destination = &d
 		}
-		c.Deleted = deleted
 		r.setDestination(e.Key(), c.Destination)
 	case DecisionChanged:
 		var d eventv1.Decision
@@ -157,7 +156,6 @@ func (r *Registry) apply(kind Kind, e jetstream.KeyValueEntry, log *slog.Logger,
 			}
 			c.Decision = &d
 		}
-		c.Deleted = deleted
 		r.mu.Lock()
 		if deleted {
 			delete(r.decisions, e.Key())

@@ -7,6 +7,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
 )
 
 // Target is one destination's share of a batch.
@@ -34,7 +35,7 @@ func Plan(b *eventv1.Batch, dests []*adminv1.Destination, state func(id string) 
 			t.Park, t.Reason = true, "destination disabled"
 		case s == eventv1.State_STATE_PAUSED:
 			t.Park, t.Reason = true, "paused"
-		case s == eventv1.State_STATE_QUARANTINED || s == eventv1.State_STATE_PROBING:
+		case registry.Held(s):
 			t.Park, t.Reason = true, "quarantined"
 		}
 		out = append(out, t)
