@@ -46,8 +46,6 @@ type Options struct {
 	Auth AuthFunc
 	// MaxRecvMsgSize bounds a request message (0 keeps gRPC's 4 MiB).
 	MaxRecvMsgSize int
-	// ServerOptions are appended to the built options.
-	ServerOptions []grpc.ServerOption
 }
 
 // Server is a gRPC server with its health service.
@@ -124,7 +122,6 @@ func New(opts Options) (*Server, error) {
 	if opts.MaxRecvMsgSize > 0 {
 		serverOpts = append(serverOpts, grpc.MaxRecvMsgSize(opts.MaxRecvMsgSize))
 	}
-	serverOpts = append(serverOpts, opts.ServerOptions...)
 
 	s := &Server{Server: grpc.NewServer(serverOpts...), Health: health.NewServer(), metrics: metrics}
 	healthpb.RegisterHealthServer(s.Server, s.Health)

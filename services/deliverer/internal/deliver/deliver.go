@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -265,4 +264,3 @@ func secrets(dest *adminv1.Destination, now time.Time) ([][]byte, error) {
 	return keys, nil
 }
 
-func jitter() float64 { return rand.Float64() }

@@ -111,7 +111,7 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 		l.park(j, fmt.Sprintf("HTTP %d: %v", res.Status, res.Err))
 		return schedule.Neutral
 	}
-	delay := d.cfg.Retry.Delay(j.attempt, res.RetryAfter, jitter)
+	delay := d.cfg.Retry.Delay(j.attempt, res.RetryAfter, nil)
 	if d.cfg.Retry.Exhausted(j.attempt, j.first, time.Now().Add(delay)) {
 		l.park(j, describe(j.attempt, res.Err))
 		return schedule.Failure

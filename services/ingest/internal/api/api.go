@@ -45,10 +45,11 @@ type Limits struct {
 	TenantBurst int
 	// PublishTimeout bounds the wait for JetStream's acknowledgement.
 	PublishTimeout time.Duration
-	// StreamWindow is how many batches of one SubmitStream may await
-	// JetStream's acknowledgement at once.
-	StreamWindow int
 }
+
+// streamWindow is how many batches of one SubmitStream may await
+// JetStream's acknowledgement at once.
+const streamWindow = 256
 
 // Server implements ingestv1.IngestServiceServer.
 type Server struct {
@@ -68,9 +69,6 @@ func New(js jetstream.JetStream, ks *keys.Store, limits Limits, log *slog.Logger
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, err
-	}
-	if limits.StreamWindow <= 0 {
-		limits.StreamWindow = 256
 	}
 	return &Server{js: js, keys: ks, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
 }
@@ -204,7 +202,7 @@ func (s *Server) limiter(tenant string) *rate.Limiter {
 }
 
 // SubmitStream stores batches as they come and answers each one in order once
-// stored. Up to StreamWindow batches await their acknowledgement at once, so
+// stored. Up to streamWindow batches await their acknowledgement at once, so
 // one stream can carry far more than one round trip per batch allows.
 func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStreamRequest, ingestv1.SubmitStreamResponse]) error {
 	ctx := srv.Context()
@@ -219,7 +217,7 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 		fut     jetstream.PubAckFuture
 		err     error
 	}
-	window := make(chan inflight, s.limits.StreamWindow)
+	window := make(chan inflight, streamWindow)
 	recvErr := make(chan error, 1)
 	go func() {
 		defer close(window)

@@ -40,9 +40,6 @@ func Parse(pairs []string) (*Store, error) {
 	return s, nil
 }
 
-// Len is the number of keys.
-func (s *Store) Len() int { return len(s.byHash) }
-
 // Tenant returns the tenant of key, or ErrUnknownKey.
 func (s *Store) Tenant(key string) (string, error) {
 	// The lookup is on a hash of the key, so its timing says nothing useful
