@@ -36,15 +36,19 @@ func Park(ctx context.Context, js jetstream.JetStream, b *eventv1.Batch, reason 
 }
 
 // NewMsg builds the PARKED message for b (whose DestinationId must be set)
-// without changing b; for callers that publish asynchronously.
+// and leaves b as it was; for callers that publish asynchronously. It sets
+// the park fields only while marshalling rather than cloning b: a parked batch
+// carries up to a thousand impressions, and a quarantined destination's whole
+// traffic comes through here.
 func NewMsg(b *eventv1.Batch, reason string, attempts int32, msgID string) (*nats.Msg, error) {
 	subj, err := subject.Parked(b.GetDestinationId())
 	if err != nil {
 		return nil, err
 	}
-	p := proto.Clone(b).(*eventv1.Batch)
-	p.ParkReason, p.Attempts, p.ParkedAt = reason, attempts, timestamppb.Now()
-	data, err := proto.Marshal(p)
+	oldReason, oldAttempts, oldAt := b.ParkReason, b.Attempts, b.ParkedAt
+	b.ParkReason, b.Attempts, b.ParkedAt = reason, attempts, timestamppb.Now()
+	data, err := proto.Marshal(b)
+	b.ParkReason, b.Attempts, b.ParkedAt = oldReason, oldAttempts, oldAt
 	if err != nil {
 		return nil, err
 	}
@@ -81,13 +85,27 @@ type Msg struct {
 // (0: no bound), oldest first, until fn returns an error. It reads message by
 // message (no consumer state), so it is safe to run anywhere, any number of times.
 func Each(ctx context.Context, js jetstream.JetStream, dest string, r Range, upTo uint64, fn func(Msg) error) error {
-	subj, err := subject.Parked(dest)
+	s, err := parkedStream(ctx, js)
 	if err != nil {
 		return err
 	}
+	return each(ctx, s, dest, r, upTo, fn)
+}
+
+// parkedStream looks PARKED up: one request, so callers that go on to read or
+// delete many messages do it once.
+func parkedStream(ctx context.Context, js jetstream.JetStream) (jetstream.Stream, error) {
 	s, err := js.Stream(ctx, subject.StreamParked)
 	if err != nil {
-		return fmt.Errorf("stream %s: %w", subject.StreamParked, err)
+		return nil, fmt.Errorf("stream %s: %w", subject.StreamParked, err)
+	}
+	return s, nil
+}
+
+func each(ctx context.Context, s jetstream.Stream, dest string, r Range, upTo uint64, fn func(Msg) error) error {
+	subj, err := subject.Parked(dest)
+	if err != nil {
+		return err
 	}
 	seq := uint64(1)
 	for {
@@ -124,7 +142,7 @@ func Stats(ctx context.Context, js jetstream.JetStream, dest string) (int64, tim
 	if err != nil {
 		return 0, time.Time{}, err
 	}
-	s, err := js.Stream(ctx, subject.StreamParked)
+	s, err := parkedStream(ctx, js)
 	if err != nil {
 		return 0, time.Time{}, err
 	}
@@ -149,10 +167,14 @@ func Stats(ctx context.Context, js jetstream.JetStream, dest string) (int64, tim
 // LastSeq is the PARKED stream's last sequence: a replay bound, so batches
 // parked again during a replay are not replayed in a loop.
 func LastSeq(ctx context.Context, js jetstream.JetStream) (uint64, error) {
-	s, err := js.Stream(ctx, subject.StreamParked)
+	s, err := parkedStream(ctx, js)
 	if err != nil {
 		return 0, err
 	}
+	return lastSeq(ctx, s)
+}
+
+func lastSeq(ctx context.Context, s jetstream.Stream) (uint64, error) {
 	info, err := s.Info(ctx)
 	if err != nil {
 		return 0, err
@@ -162,11 +184,15 @@ func LastSeq(ctx context.Context, js jetstream.JetStream) (uint64, error) {
 
 // Delete removes one parked batch (after it was delivered or replayed).
 func Delete(ctx context.Context, js jetstream.JetStream, seq uint64) error {
-	s, err := js.Stream(ctx, subject.StreamParked)
+	s, err := parkedStream(ctx, js)
 	if err != nil {
 		return err
 	}
-	err = s.DeleteMsg(ctx, seq)
+	return deleteMsg(ctx, s, seq)
+}
+
+func deleteMsg(ctx context.Context, s jetstream.Stream, seq uint64) error {
+	err := s.DeleteMsg(ctx, seq)
 	// Another replica replayed it first; it is gone either way. The server
 	// answers a delete of a missing message with "no message found" (10057),
 	// which the client reports as ErrMsgDeleteUnsuccessful with the
@@ -181,13 +207,17 @@ func Delete(ctx context.Context, js jetstream.JetStream, seq uint64) error {
 // Purge deletes the parked batches of dest in r and returns how many; with
 // dryRun it only counts.
 func Purge(ctx context.Context, js jetstream.JetStream, dest string, r Range, dryRun bool) (int64, error) {
+	s, err := parkedStream(ctx, js)
+	if err != nil {
+		return 0, err
+	}
 	var n int64
-	err := Each(ctx, js, dest, r, 0, func(m Msg) error {
+	err = each(ctx, s, dest, r, 0, func(m Msg) error {
 		n++
 		if dryRun {
 			return nil
 		}
-		return Delete(ctx, js, m.Seq)
+		return deleteMsg(ctx, s, m.Seq)
 	})
 	return n, err
 }
@@ -228,8 +258,12 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 	if o.MaxRate < o.Rate {
 		o.MaxRate = o.Rate
 	}
+	s, err := parkedStream(ctx, js)
+	if err != nil {
+		return 0, 0, err
+	}
 	if o.UpTo == 0 {
-		if o.UpTo, err = LastSeq(ctx, js); err != nil {
+		if o.UpTo, err = lastSeq(ctx, s); err != nil {
 			return 0, 0, err
 		}
 		if o.UpTo == 0 {
@@ -239,7 +273,7 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 	lim := rate.NewLimiter(rate.Limit(o.Rate), 1)
 	nextRamp := time.Now().Add(o.RampEvery)
 	var batches, imps int64
-	err = Each(ctx, js, dest, o.Range, o.UpTo, func(m Msg) error {
+	err = each(ctx, s, dest, o.Range, o.UpTo, func(m Msg) error {
 		if o.Continue != nil && !o.Continue() {
 			return errStop
 		}
@@ -267,7 +301,7 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 		if _, err := js.PublishMsg(ctx, out); err != nil {
 			return fmt.Errorf("replay to %s: %w", deliverSubj, err)
 		}
-		if err := Delete(ctx, js, m.Seq); err != nil {
+		if err := deleteMsg(ctx, s, m.Seq); err != nil {
 			return fmt.Errorf("delete parked %d: %w", m.Seq, err)
 		}
 		batches++
