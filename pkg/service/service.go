@@ -147,37 +147,33 @@ func Run(ctx context.Context, comps ...Component) error {
 // GRPC serves s on lis until ctx ends, then stops it gracefully within timeout.
 func GRPC(s *grpcserver.Server, lis net.Listener, timeout time.Duration) Component {
 	return Component{Name: "grpc " + lis.Addr().String(), Run: func(ctx context.Context) error {
-		errc := make(chan error, 1)
-		go func() { errc <- s.Serve(lis) }()
-		select {
-		case err := <-errc:
-			return err
-		case <-ctx.Done():
-		}
-		sctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		s.Shutdown(sctx)
-		<-errc
-		return nil
+		return serveUntil(ctx, func() error { return s.Serve(lis) },
+			func(ctx context.Context) error { s.Shutdown(ctx); return nil }, timeout)
 	}}
 }
 
 // Metrics serves m until ctx ends.
 func Metrics(m *obs.MetricsServer, timeout time.Duration) Component {
 	return Component{Name: "metrics", Run: func(ctx context.Context) error {
-		errc := make(chan error, 1)
-		go func() { errc <- m.Serve() }()
-		select {
-		case err := <-errc:
-			return err
-		case <-ctx.Done():
-		}
-		sctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		err := m.Shutdown(sctx)
-		<-errc
-		return err
+		return serveUntil(ctx, m.Serve, m.Shutdown, timeout)
 	}}
+}
+
+// serveUntil runs serve until it fails or ctx ends; then it calls shutdown,
+// bounded by timeout, waits for serve to return and reports shutdown's error.
+func serveUntil(ctx context.Context, serve func() error, shutdown func(context.Context) error, timeout time.Duration) error {
+	errc := make(chan error, 1)
+	go func() { errc <- serve() }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	err := shutdown(sctx)
+	<-errc
+	return err
 }
 
 // Listen opens addr, or returns nil for an empty addr.
