@@ -150,6 +150,17 @@ func Streams(l Limits) []jetstream.StreamConfig {
 	}
 }
 
+// Every long-lived pull subscription (the router's, each delivery lane's)
+// uses these: a pull request lives PullExpiry and the server sends an idle
+// heartbeat every PullHeartbeat, so a pull the server dropped (a consumer
+// leader change, a pull sent while the consumer had no leader) is noticed
+// after two missed heartbeats and sent again, within seconds rather than
+// never. Callers must block in Next for the check to run.
+const (
+	PullExpiry    = 10 * time.Second
+	PullHeartbeat = 2 * time.Second
+)
+
 // LeaseTTL is how long the monitor's leadership lease lives without renewal.
 const LeaseTTL = 6 * time.Second
 

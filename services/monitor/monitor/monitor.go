@@ -62,6 +62,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.DurationVar(&e.ProbeTimeout, "probe-timeout", p.ProbeTimeout, "a probe without result this long counts as failed (e.g. its monitor died)")
 	fs.BoolVar(&e.Domain.Enabled, "failure-domains", p.Domain.Enabled, "quarantine a failure domain (host, /24) as a whole when several of its destinations fail together")
 	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
+	fs.DurationVar(&c.Engine.StallAfter, "stall-after", engine.DefaultStallAfter, "report a destination stalled when its DELIVERY backlog has not moved this long (at least 3 request timeouts)")
 	fs.StringVar(&c.Engine.Holder, "replica-id", service.ReplicaID(), "this replica's name in the leadership lease")
 	c.Defaults = admin.Defaults{MaxBatchImpressions: 500, MaxBatchBytes: 1 << 20, Linger: 200 * time.Millisecond, Timeout: 10 * time.Second, ReplayRate: 500}
 	fs.Func("batch-max-impressions", "default impressions per POST for new destinations (500)", func(s string) error {

@@ -24,6 +24,9 @@ var ErrFull = errors.New("batch full")
 // impression count or byte size.
 var ErrInvalidItem = errors.New("invalid batch item")
 
+// ErrNotEmpty is returned by Builder.SetLimits while a batch is open.
+var ErrNotEmpty = errors.New("batch open")
+
 // Limits bound one batch. A batch is sent when the next item would take it
 // over MaxImpressions or MaxBytes, or Linger after its first item was added,
 // whichever comes first.
@@ -108,6 +111,22 @@ func NewBuilder[T any](l Limits) (*Builder[T], error) {
 		return nil, fmt.Errorf("new builder: %w", err)
 	}
 	return &Builder[T]{limits: l}, nil
+}
+
+// Limits returns the limits the builder enforces.
+func (b *Builder[T]) Limits() Limits { return b.limits }
+
+// SetLimits changes the limits of an empty builder; it returns
+// ErrNotEmpty while items are open, so no open batch changes its limits.
+func (b *Builder[T]) SetLimits(l Limits) error {
+	if err := l.Validate(); err != nil {
+		return fmt.Errorf("set limits: %w", err)
+	}
+	if len(b.items) > 0 {
+		return fmt.Errorf("set limits: %w", ErrNotEmpty)
+	}
+	b.limits = l
+	return nil
 }
 
 // Len returns the number of items in the open batch.

@@ -18,6 +18,7 @@ import (
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
@@ -44,6 +45,9 @@ type Config struct {
 	// RetryShare is the share of Workers that retries may occupy at once, so
 	// retries of failing destinations never crowd out fresh traffic.
 	RetryShare float64
+	// LagInterval is how often each lane's consumer is read for the lag
+	// gauges and the starving check (see checkStarving); 5 s when zero.
+	LagInterval time.Duration
 }
 
 // Deliverer is the running delivery engine.
@@ -74,6 +78,9 @@ func New(js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.L
 	}
 	if err := cfg.Defaults.Validate(); err != nil {
 		return nil, err
+	}
+	if cfg.LagInterval <= 0 {
+		cfg.LagInterval = 5 * time.Second
 	}
 	sched, err := schedule.New[*job](cfg.Schedule)
 	if err != nil {
@@ -207,19 +214,30 @@ func (d *Deliverer) keepAlive(ctx context.Context) {
 	}
 }
 
+// watchLag refreshes each lane's gauges and checks it is not starving.
 func (d *Deliverer) watchLag(ctx context.Context) {
-	t := time.NewTicker(5 * time.Second)
+	t := time.NewTicker(d.cfg.LagInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			var delivery jetstream.Stream // read once per round, when needed
+			var oldestMax time.Duration
 			for _, l := range d.snapshot() {
 				if cons := l.consumer(); cons != nil {
 					ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 					if info, err := cons.Info(ictx); err == nil {
 						d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
+						d.checkStarving(l, info)
+						age := d.oldestUndelivered(ictx, l, info, &delivery)
+						oldestMax = max(oldestMax, age)
+						if age > 0 {
+							d.metrics.oldest.WithLabelValues(l.id).Set(age.Seconds())
+						} else {
+							d.metrics.oldest.DeleteLabelValues(l.id)
+						}
 					}
 					cancel()
 				}
@@ -229,8 +247,60 @@ func (d *Deliverer) watchLag(ctx context.Context) {
 					d.metrics.queued.WithLabelValues(l.id).Set(float64(st.Queued))
 				}
 			}
+			d.metrics.oldestMax.Set(oldestMax.Seconds())
 		}
 	}
+}
+
+// starvingChecks is how many lag checks in a row must find a lane starving
+// before its pull subscription is replaced: one could catch the instant
+// between a pull completing and the next being sent.
+const starvingChecks = 2
+
+// checkStarving replaces the pull subscription of a lane whose consumer has
+// a backlog and nothing outstanding: no pull waiting on the server and no
+// message delivered to any replica. That is a pull the server lost; the
+// heartbeat check usually repairs it first, this catches the rest. Only the
+// lag watcher calls it.
+func (d *Deliverer) checkStarving(l *lane, info *jetstream.ConsumerInfo) {
+	if info.NumPending == 0 || info.NumWaiting > 0 || info.NumAckPending > 0 {
+		l.starved = 0
+		return
+	}
+	l.starved++
+	if l.starved >= starvingChecks {
+		l.starved = 0
+		d.log.Warn("lane starving: backlog and no pull outstanding; pulling again",
+			"destination", l.id, "pending", info.NumPending)
+		l.starving()
+	}
+}
+
+// oldestUndelivered returns how long the oldest of a lane's batches still in
+// DELIVERY has waited, or 0 when it has none. What the lane holds answers
+// without a request; otherwise, with a backlog, the first message on the
+// destination's subject is read (DELIVERY is a work queue: the first is the
+// oldest not yet delivered or parked). delivery caches the stream handle
+// for the round.
+func (d *Deliverer) oldestUndelivered(ctx context.Context, l *lane, info *jetstream.ConsumerInfo, delivery *jetstream.Stream) time.Duration {
+	if at, ok := l.oldestOwned(); ok {
+		return time.Since(at)
+	}
+	if info.NumPending == 0 && info.NumAckPending == 0 {
+		return 0
+	}
+	if *delivery == nil {
+		st, err := d.js.Stream(ctx, subject.StreamDelivery)
+		if err != nil {
+			return 0
+		}
+		*delivery = st
+	}
+	m, err := (*delivery).GetMsg(ctx, info.AckFloor.Stream+1, jetstream.WithGetMsgSubject(info.Config.FilterSubject))
+	if err != nil {
+		return 0
+	}
+	return time.Since(m.Time)
 }
 
 // limits returns the batch limits of a destination, with defaults.
@@ -263,4 +333,3 @@ func secrets(dest *adminv1.Destination, now time.Time) ([][]byte, error) {
 	}
 	return keys, nil
 }
-

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -58,8 +59,14 @@ func testConfig() Config {
 func start(t *testing.T, cfg Config) *env {
 	t.Helper()
 	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	return startOn(t, cfg, js, stream.Limits{})
+}
+
+// startOn runs a deliverer on js after creating the streams with limits.
+func startOn(t *testing.T, cfg Config, js jetstream.JetStream, limits stream.Limits) *env {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
+	if err := stream.Ensure(ctx, js, limits); err != nil {
 		t.Fatal(err)
 	}
 	policy, err := netguard.NewPolicy([]string{"127.0.0.0/8"})
@@ -67,7 +74,7 @@ func start(t *testing.T, cfg Config) *env {
 		t.Fatal(err)
 	}
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
-	log := slog.New(slog.DiscardHandler)
+	log := testLogger()
 	d, err := New(js, client, cfg, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
@@ -106,9 +113,13 @@ func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destin
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	if _, err := e.dests.Put(context.Background(), id, b); err != nil {
-		e.t.Fatal(err)
-	}
+	// Retried: on a cluster just restarted the bucket may be electing a leader.
+	natstest.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := e.dests.Put(ctx, id, b)
+		return err
+	})
 	return d
 }
 
@@ -447,4 +458,12 @@ func TestRetryBudget(t *testing.T) {
 	if !d.takeRetrySlot() {
 		t.Fatal("a released slot was not reusable")
 	}
+}
+
+// testLogger discards the deliverer's log unless BULKHEAD_TEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("BULKHEAD_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.DiscardHandler)
 }

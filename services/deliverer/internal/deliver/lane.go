@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 
@@ -17,6 +16,7 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
@@ -27,6 +27,12 @@ type routed struct {
 	msg   jetstream.Msg
 	seq   uint64
 	batch *eventv1.Batch
+}
+
+// owned is a message a lane holds until it is acknowledged or handed back.
+type owned struct {
+	msg    jetstream.Msg
+	stored time.Time // when DELIVERY stored it
 }
 
 // job is one POST: a batch of routed messages and its retry state.
@@ -54,12 +60,17 @@ type lane struct {
 	hold    string // park reason while the destination must not receive traffic
 	state   eventv1.State
 	deleted bool
-	owned   map[uint64]jetstream.Msg // by stream sequence
+	owned   map[uint64]owned // by stream sequence
 	wake    chan struct{}
+	// repull asks the lane to replace its pull subscription (see starving).
+	repull chan struct{}
+	// starved counts the lag watcher's consecutive starving observations;
+	// only the watcher's goroutine touches it.
+	starved int
 }
 
 func newLane(d *Deliverer, dest *adminv1.Destination) *lane {
-	l := &lane{d: d, id: dest.GetId(), tenant: dest.GetTenantId(), owned: map[uint64]jetstream.Msg{}, wake: make(chan struct{}, 1)}
+	l := &lane{d: d, id: dest.GetId(), tenant: dest.GetTenantId(), owned: map[uint64]owned{}, wake: make(chan struct{}, 1), repull: make(chan struct{}, 1)}
 	l.setDestination(dest)
 	return l
 }
@@ -146,55 +157,143 @@ func (l *lane) request() (*adminv1.Destination, [][]byte) {
 }
 
 // run pulls the destination's messages into batches until ctx ends or the
-// destination is deleted and its backlog parked.
+// destination is deleted and its backlog parked. A pull subscription that
+// ends by itself (its consumer deleted, the iterator closed under it) or that
+// the lag watcher finds starving is replaced, so no lane stops serving its
+// destination while the deliverer runs.
 func (l *lane) run(ctx context.Context) {
-	if !l.ensureConsumer(ctx) {
-		return
-	}
-	it, err := l.consumer().Messages(jetstream.PullMaxMessages(64))
-	if err != nil {
-		l.d.log.Error("consume", "destination", l.id, "err", err)
-		return
-	}
-	defer it.Stop()
 	dest, _ := l.request()
 	limits := l.d.limits(dest)
 	b, err := batch.NewBuilder[routed](limits)
 	if err != nil {
-		l.d.log.Error("batch limits", "destination", l.id, "err", err)
-		return
+		// Limits are validated where they are stored; fall back to the
+		// deliverer's defaults rather than leave the destination unserved.
+		l.d.log.Error("batch limits; using defaults", "destination", l.id, "err", err)
+		if b, err = batch.NewBuilder[routed](l.d.cfg.Defaults); err != nil {
+			l.d.log.Error("default batch limits", "destination", l.id, "err", err)
+			return
+		}
 	}
-	draining := false
+	for attempt := 0; ; attempt++ {
+		if !l.ensureConsumer(ctx) {
+			return
+		}
+		why := l.consume(ctx, b)
+		switch why {
+		case endShutdown, endRemoved:
+			return
+		case endRepull:
+			attempt = 0 // asked for: start again at once
+		default:
+			l.d.log.Warn("pull subscription ended; starting another", "destination", l.id, "reason", why.String())
+			if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+				return
+			}
+		}
+		l.d.metrics.resubscribed.WithLabelValues(why.String()).Inc()
+	}
+}
+
+// ending says why one pull subscription of a lane ended.
+type ending int
+
+const (
+	endShutdown ending = iota // the deliverer is stopping
+	endRemoved                // the destination is deleted and its backlog parked
+	endRepull                 // the lag watcher found the lane starving
+	endClosed                 // the iterator closed by itself (consumer deleted, connection closed)
+	endFailed                 // Messages() refused to start
+)
+
+func (e ending) String() string {
+	return [...]string{"shutdown", "removed", "starving", "closed", "failed"}[e]
+}
+
+// pulled is one result of the iterator's blocking Next.
+type pulled struct {
+	msg jetstream.Msg
+	err error
+}
+
+// consume runs one pull subscription. Next blocks in its own goroutine, so
+// nats.go's missing-heartbeat check runs and a pull request the server
+// dropped (a consumer leader change, a pull sent while the consumer had no
+// leader) is re-issued after two missed heartbeats; with a short NextMaxWait
+// that check never fires and the lane would wait forever.
+func (l *lane) consume(ctx context.Context, b *batch.Builder[routed]) ending {
+	it, err := l.consumer().Messages(
+		jetstream.PullMaxMessages(64),
+		jetstream.PullExpiry(stream.PullExpiry),
+		jetstream.PullHeartbeat(stream.PullHeartbeat),
+	)
+	if err != nil {
+		l.d.log.Error("consume", "destination", l.id, "err", err)
+		return endFailed
+	}
+	defer it.Stop()
+	msgs := make(chan pulled)
+	var reader sync.WaitGroup
+	reader.Add(1)
+	go func() {
+		defer reader.Done()
+		defer close(msgs)
+		for {
+			m, err := it.Next()
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return
+			}
+			// The lane reads msgs until it is closed, so this send ends.
+			msgs <- pulled{msg: m, err: err}
+		}
+	}()
+	defer reader.Wait()
+
+	// Once draining, the iterator hands over what it already pulled and then
+	// closes msgs; those messages are owned, so handBack returns them.
+	draining, why := false, endClosed
+	done := ctx.Done()
+	drain := func(reason ending) {
+		if !draining {
+			it.Drain()
+			draining, why, done = true, reason, nil
+		}
+	}
+	timer := time.NewTimer(time.Second)
+	defer timer.Stop()
 	for {
 		if b.Len() == 0 {
 			// Take changed batch limits between batches.
 			dest, _ := l.request()
-			if cur := l.d.limits(dest); cur != limits {
-				if nb, err := batch.NewBuilder[routed](cur); err == nil {
-					b, limits = nb, cur
-				}
-			}
-		}
-		if ctx.Err() != nil && !draining {
-			// Hand over what is buffered so handBack can return it at once.
-			it.Drain()
-			draining = true
+			l.resize(b, l.d.limits(dest))
 		}
 		wait := time.Second
 		if dl, ok := b.Deadline(); ok {
 			wait = max(time.Until(dl), time.Millisecond)
 		}
-		m, err := it.Next(jetstream.NextMaxWait(wait))
-		switch {
-		case errors.Is(err, jetstream.ErrMsgIteratorClosed):
-			return
-		case errors.Is(err, nats.ErrTimeout):
-		case err != nil:
-			l.d.log.Warn("next", "destination", l.id, "err", err)
-		default:
-			if r, ok := l.accept(m); ok && !draining {
-				l.add(ctx, b, r)
+		timer.Reset(wait)
+		select {
+		case p, ok := <-msgs:
+			if !ok {
+				return why
 			}
+			switch {
+			case errors.Is(p.err, jetstream.ErrNoHeartbeat):
+				// nats.go has reset its pull accounting; the next Next pulls again.
+				l.d.metrics.resubscribed.WithLabelValues("heartbeat").Inc()
+				l.d.log.Warn("no heartbeat from the consumer; pulling again", "destination", l.id)
+			case p.err != nil:
+				l.d.log.Warn("next", "destination", l.id, "err", p.err)
+			default:
+				if r, ok := l.accept(p.msg); ok && !draining {
+					l.add(ctx, b, r)
+				}
+			}
+		case <-timer.C:
+		case <-l.wake:
+		case <-l.repull:
+			drain(endRepull)
+		case <-done:
+			drain(endShutdown)
 		}
 		if draining {
 			continue
@@ -206,13 +305,31 @@ func (l *lane) run(ctx context.Context) {
 			}
 			if l.isDeleted() && l.backlogEmpty(ctx) {
 				l.remove(ctx)
-				return
+				drain(endRemoved)
 			}
 			continue
 		}
 		if b.Due(time.Now()) {
 			l.push(ctx, b.Take())
 		}
+	}
+}
+
+// resize gives an empty b the destination's current limits. Invalid limits
+// (refused at the admin API, so only from a hand-edited KV value) leave the
+// previous ones in force.
+func (l *lane) resize(b *batch.Builder[routed], limits batch.Limits) {
+	if b.Limits() != limits {
+		_ = b.SetLimits(limits)
+	}
+}
+
+// starving tells the lane its pull subscription has a backlog and no pull
+// outstanding; the lane replaces it.
+func (l *lane) starving() {
+	select {
+	case l.repull <- struct{}{}:
+	default:
 	}
 }
 
@@ -228,7 +345,7 @@ func (l *lane) accept(m jetstream.Msg) (routed, bool) {
 	l.mu.Lock()
 	_, dup := l.owned[seq]
 	if !dup {
-		l.owned[seq] = m
+		l.owned[seq] = owned{msg: m, stored: md.Timestamp}
 	}
 	l.mu.Unlock()
 	if dup {
@@ -335,12 +452,26 @@ func (l *lane) release(seq uint64) {
 	l.mu.Unlock()
 }
 
+// oldestOwned returns when the oldest message the lane holds was stored,
+// and false when it holds none.
+func (l *lane) oldestOwned() (time.Time, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var oldest time.Time
+	for _, o := range l.owned {
+		if oldest.IsZero() || o.stored.Before(oldest) {
+			oldest = o.stored
+		}
+	}
+	return oldest, !oldest.IsZero()
+}
+
 // touch extends the ack deadline of every owned message.
 func (l *lane) touch() {
 	l.mu.Lock()
 	msgs := make([]jetstream.Msg, 0, len(l.owned))
-	for _, m := range l.owned {
-		msgs = append(msgs, m)
+	for _, o := range l.owned {
+		msgs = append(msgs, o.msg)
 	}
 	l.mu.Unlock()
 	for _, m := range msgs {
@@ -353,10 +484,10 @@ func (l *lane) touch() {
 func (l *lane) handBack() {
 	l.mu.Lock()
 	msgs := l.owned
-	l.owned = map[uint64]jetstream.Msg{}
+	l.owned = map[uint64]owned{}
 	l.mu.Unlock()
-	for _, m := range msgs {
-		_ = m.Nak()
+	for _, o := range msgs {
+		_ = o.msg.Nak()
 	}
 }
 
@@ -400,10 +531,8 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 			return true
 		}
 		l.d.log.Error("create consumer", "destination", l.id, "err", err)
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, min(time.Second<<min(attempt, 5), 30*time.Second)) {
 			return false
-		case <-time.After(min(time.Second<<min(attempt, 5), 30*time.Second)):
 		}
 	}
 }
@@ -451,4 +580,16 @@ func reasonClass(reason string) string {
 
 func describe(attempts int, err error) string {
 	return fmt.Sprintf("retries exhausted after %d attempts: %v", attempts, err)
+}
+
+// sleep waits for d and reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
 }

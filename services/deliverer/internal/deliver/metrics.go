@@ -20,6 +20,9 @@ type metrics struct {
 	inflightTotal   prometheus.Gauge
 	parkFailed      prometheus.Counter
 	outcomeLost     prometheus.Counter
+	resubscribed    *prometheus.CounterVec
+	oldest          *prometheus.GaugeVec
+	oldestMax       prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -65,8 +68,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		outcomeLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "bulkhead_deliverer_outcomes_unpublished_total", Help: "Outcomes the monitor will not see.",
 		}),
+		resubscribed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_lane_repulls_total",
+			Help: "Lane pull subscriptions renewed, by cause: heartbeat (a pull the server dropped), starving (backlog, no pull outstanding), closed, failed. A steady rate means NATS keeps losing pulls.",
+		}, []string{"cause"}),
+		oldest: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_oldest_undelivered_seconds",
+			Help: "Age of the oldest batch still in DELIVERY, by destination; only destinations with a backlog have a series.",
+		}, dest),
+		oldestMax: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_deliverer_oldest_undelivered_max_seconds",
+			Help: "Age of the oldest batch still in DELIVERY over all destinations: how far behind the worst destination is.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
+	for _, c := range []prometheus.Collector{m.resubscribed, m.oldest, m.oldestMax, m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
 		m.inflight, m.capacity, m.queued, m.inflightTotal, m.parkFailed, m.outcomeLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -226,7 +226,31 @@ func (s *Server) health(ctx context.Context, d *adminv1.Destination) (*adminv1.D
 	if h.PendingDelivery, h.InFlight, err = pending(ctx, s.js, d.GetId()); err != nil {
 		return nil, unavailable(s.log, "delivery stats", err)
 	}
+	if h.PendingDelivery > 0 {
+		if at, err := oldestUndelivered(ctx, s.js, d.GetId()); err == nil {
+			h.OldestUndelivered = timestamppb.New(at)
+		}
+	}
 	return h, nil
+}
+
+// oldestUndelivered returns when the first batch of a destination still in
+// DELIVERY was stored. DELIVERY is a work queue, so the first message on the
+// destination's subject is the oldest one not yet delivered or parked.
+func oldestUndelivered(ctx context.Context, js jetstream.JetStream, id string) (time.Time, error) {
+	subj, err := subject.Deliver(id)
+	if err != nil {
+		return time.Time{}, err
+	}
+	st, err := js.Stream(ctx, subject.StreamDelivery)
+	if err != nil {
+		return time.Time{}, err
+	}
+	m, err := st.GetMsg(ctx, st.CachedInfo().State.FirstSeq, jetstream.WithGetMsgSubject(subj))
+	if err != nil {
+		return time.Time{}, err
+	}
+	return m.Time, nil
 }
 
 // pending counts a destination's batches in DELIVERY, and of those the ones

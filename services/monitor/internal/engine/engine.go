@@ -30,6 +30,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/stall"
 )
 
 // Config tunes the engine.
@@ -41,6 +42,12 @@ type Config struct {
 	// Disabled turns automatic quarantine off: outcomes still feed the
 	// statistics, operators can still pause. For experiments only.
 	Disabled bool
+	// StallAfter is how long a destination's DELIVERY backlog may go without
+	// moving before it is reported stalled (see package stall); a
+	// destination's patience is at least three request timeouts.
+	StallAfter time.Duration
+	// BacklogInterval is how often DELIVERY's backlog is read; 5 s when zero.
+	BacklogInterval time.Duration
 }
 
 // Engine is the monitor's decision loop.
@@ -56,6 +63,7 @@ type Engine struct {
 
 	statsMu sync.Mutex
 	windows map[string]*health.Window
+	stalls  *stall.Tracker
 
 	mu          sync.Mutex
 	machine     *health.Machine // non-nil only while this replica leads
@@ -76,12 +84,22 @@ func New(ctx context.Context, js jetstream.JetStream, client *webhook.Client, cf
 	if err != nil {
 		return nil, err
 	}
+	if cfg.StallAfter <= 0 {
+		cfg.StallAfter = DefaultStallAfter
+	}
+	if cfg.BacklogInterval <= 0 {
+		cfg.BacklogInterval = 5 * time.Second
+	}
+	stalls, err := stall.New(cfg.StallAfter)
+	if err != nil {
+		return nil, err
+	}
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, err
 	}
 	return &Engine{js: js, kv: kv, leases: leases, client: client, cfg: cfg, log: log, metrics: m,
-		windows: map[string]*health.Window{}}, nil
+		windows: map[string]*health.Window{}, stalls: stalls}, nil
 }
 
 // OnChange is the registry callback. On the leader, decisions stored by
@@ -111,10 +129,14 @@ func (e *Engine) OnChange(c registry.Change) {
 func (e *Engine) Run(ctx context.Context, reg *registry.Registry) error {
 	e.reg = reg
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		e.consumeOutcomes(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		e.watchBacklog(ctx)
 	}()
 	go func() {
 		defer wg.Done()
@@ -233,6 +255,7 @@ func (e *Engine) observe(ctx context.Context, o *eventv1.Outcome) {
 		e.windows[o.GetDestinationId()] = w
 	}
 	w.Add(o, now)
+	e.stalls.Attempt(o.GetDestinationId(), now)
 	e.statsMu.Unlock()
 	e.metrics.outcomes.Inc()
 
@@ -426,6 +449,10 @@ func (e *Engine) Stats(id string) *adminv1.DestinationHealth {
 	defer e.statsMu.Unlock()
 	w := e.windows[id]
 	if w == nil {
+		// A destination never attempted can still be stalled.
+		if since := e.stalls.Since(id); !since.IsZero() {
+			return &adminv1.DestinationHealth{StalledSince: timestamppb.New(since)}
+		}
 		return nil
 	}
 	now := time.Now()
@@ -445,6 +472,9 @@ func (e *Engine) Stats(id string) *adminv1.DestinationHealth {
 	}
 	if ls := w.LastSuccess(); !ls.IsZero() {
 		h.LastSuccess = timestamppb.New(ls)
+	}
+	if since := e.stalls.Since(id); !since.IsZero() {
+		h.StalledSince = timestamppb.New(since)
 	}
 	return h
 }

@@ -33,13 +33,21 @@ import (
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
 
 type env struct {
-	t  *testing.T
-	js jetstream.JetStream
-	kv jetstream.KeyValue
+	t       *testing.T
+	js      jetstream.JetStream
+	kv      jetstream.KeyValue
+	engines []*Engine
 }
 
 // startEngines runs n engines (monitor replicas) against one JetStream.
 func startEngines(t *testing.T, n int) (*env, []context.CancelFunc) {
+	t.Helper()
+	return startEnginesWith(t, n, func(*Config) {})
+}
+
+// startEnginesWith is startEngines with configure applied to each engine's
+// configuration.
+func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []context.CancelFunc) {
 	t.Helper()
 	_, js := natstest.Connect(t, natstest.RunJetStream(t))
 	if err := stream.Ensure(context.Background(), js, stream.Limits{}); err != nil {
@@ -55,13 +63,17 @@ func startEngines(t *testing.T, n int) (*env, []context.CancelFunc) {
 	p := health.DefaultPolicy()
 	p.ProbeInitial, p.ProbeMax = 200*time.Millisecond, time.Second
 	var cancels []context.CancelFunc
+	var engines []*Engine
 	for i := range n {
 		ctx, cancel := context.WithCancel(context.Background())
 		log := slog.New(slog.DiscardHandler)
-		e, err := New(ctx, js, client, Config{Policy: p, Holder: fmt.Sprintf("m%d", i)}, log, prometheus.NewRegistry())
+		cfg := Config{Policy: p, Holder: fmt.Sprintf("m%d", i)}
+		configure(&cfg)
+		e, err := New(ctx, js, client, cfg, log, prometheus.NewRegistry())
 		if err != nil {
 			t.Fatal(err)
 		}
+		engines = append(engines, e)
 		reg, err := registry.Watch(ctx, js, log, e.OnChange)
 		if err != nil {
 			t.Fatal(err)
@@ -75,7 +87,7 @@ func startEngines(t *testing.T, n int) (*env, []context.CancelFunc) {
 		t.Cleanup(stop)
 		cancels = append(cancels, stop)
 	}
-	return &env{t: t, js: js, kv: kv}, cancels
+	return &env{t: t, js: js, kv: kv, engines: engines}, cancels
 }
 
 func (e *env) destination(id, url string) {

@@ -7,6 +7,9 @@ type metrics struct {
 	outcomes  prometheus.Counter
 	decisions *prometheus.CounterVec
 	probes    *prometheus.CounterVec
+	backlog   prometheus.Gauge
+	stalled   prometheus.Gauge
+	stalls    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -23,8 +26,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		probes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bulkhead_monitor_probes_total", Help: "Probes of quarantined destinations, by result.",
 		}, []string{"result"}),
+		backlog: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_monitor_delivery_backlog_batches", Help: "Batches waiting in DELIVERY, all destinations together.",
+		}),
+		stalled: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_monitor_destinations_stalled",
+			Help: "Destinations whose DELIVERY backlog has not moved for the stall period: a Bulkhead fault (alarm when above 0).",
+		}),
+		stalls: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_monitor_stalls_total", Help: "Times a destination's backlog was found stalled.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.leader, m.outcomes, m.decisions, m.probes} {
+	for _, c := range []prometheus.Collector{m.backlog, m.stalled, m.stalls, m.leader, m.outcomes, m.decisions, m.probes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -59,32 +59,24 @@ func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.L
 }
 
 // Run consumes until ctx ends, then finishes the batches in flight (and those
-// already pulled) before returning.
+// already pulled) before returning. A pull that the server drops is sent
+// again after two missed heartbeats, and a subscription that ends by itself
+// (its consumer deleted, say) is replaced: a router never stops routing
+// while it runs.
 func (r *Router) Run(ctx context.Context) error {
-	cons, err := r.js.CreateOrUpdateConsumer(ctx, subject.StreamImpressions, jetstream.ConsumerConfig{
-		Durable:       ConsumerName,
-		Description:   "routers: fan accepted impressions out to destinations",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       r.cfg.AckWait,
-		MaxAckPending: r.cfg.MaxAckPending,
-		MaxDeliver:    -1, // never give up on an accepted batch (invariant 1)
-		FilterSubject: subject.AllIn,
-	})
+	cons, err := r.ensureConsumer(ctx)
 	if err != nil {
-		return fmt.Errorf("consumer %s: %w", ConsumerName, err)
+		return err
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.Workers))
-	if err != nil {
-		return fmt.Errorf("consume %s: %w", ConsumerName, err)
-	}
-	go func() {
-		<-ctx.Done()
-		// Drain hands over what was already pulled, then ends the iterator.
-		it.Drain()
-	}()
-	go r.watchLag(ctx, cons)
+	lagDone := make(chan struct{})
+	go func(cons jetstream.Consumer) {
+		defer close(lagDone)
+		// Info asks by name, so this handle serves a re-created consumer too.
+		r.watchLag(ctx, cons)
+	}(cons)
+	defer func() { <-lagDone }()
 
-	// Three stages: this loop stamps each batch with when it was received,
+	// Three stages: consume stamps each batch with when it was received,
 	// the gate lets batches through in waves once the destination view is
 	// known to be current as of the wave's newest one, and the workers
 	// route. Waiting in waves, not per worker, keeps the view check (one
@@ -107,18 +99,103 @@ func (r *Router) Run(ctx context.Context) error {
 		r.gate(arrivals, work)
 		close(work)
 	}()
+	defer func() {
+		close(arrivals)
+		<-gated
+		wg.Wait()
+	}()
+
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		if err := r.consume(ctx, cons, arrivals); err != nil {
+			r.log.Warn("router subscription ended; starting another", "err", err)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		r.metrics.repulls.WithLabelValues("closed").Inc()
+		if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+			break
+		}
+		if c, err := r.ensureConsumer(ctx); err == nil {
+			cons = c
+		}
+	}
+	return nil
+}
+
+// ensureConsumer creates or updates the routers' shared durable consumer.
+func (r *Router) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cons, err := r.js.CreateOrUpdateConsumer(cctx, subject.StreamImpressions, jetstream.ConsumerConfig{
+		Durable:       ConsumerName,
+		Description:   "routers: fan accepted impressions out to destinations",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       r.cfg.AckWait,
+		MaxAckPending: r.cfg.MaxAckPending,
+		MaxDeliver:    -1, // never give up on an accepted batch (invariant 1)
+		FilterSubject: subject.AllIn,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("consumer %s: %w", ConsumerName, err)
+	}
+	return cons, nil
+}
+
+// consume runs one pull subscription, sending what it pulls to arrivals,
+// until ctx ends (then it drains: what was pulled is still routed) or the
+// iterator closes by itself.
+func (r *Router) consume(ctx context.Context, cons jetstream.Consumer, arrivals chan<- arrival) error {
+	it, err := cons.Messages(
+		jetstream.PullMaxMessages(2*r.cfg.Workers),
+		jetstream.PullExpiry(stream.PullExpiry),
+		jetstream.PullHeartbeat(stream.PullHeartbeat),
+	)
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", ConsumerName, err)
+	}
+	defer it.Stop()
+	stop := make(chan struct{})
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		select {
+		case <-ctx.Done():
+			// Drain hands over what was already pulled, then ends the iterator.
+			it.Drain()
+		case <-stop:
+		}
+	}()
+	defer func() {
+		close(stop)
+		<-drained
+	}()
 	for {
 		m, err := it.Next()
-		if err != nil {
-			close(arrivals)
-			<-gated
-			wg.Wait()
-			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				return nil
-			}
-			return err
+		switch {
+		case errors.Is(err, jetstream.ErrMsgIteratorClosed):
+			return nil
+		case errors.Is(err, jetstream.ErrNoHeartbeat):
+			// nats.go has reset its pull accounting; the next Next pulls again.
+			r.metrics.repulls.WithLabelValues("heartbeat").Inc()
+			r.log.Warn("no heartbeat from the router consumer; pulling again")
+		case err != nil:
+			r.log.Warn("next", "err", err)
+		default:
+			arrivals <- arrival{msg: m, at: time.Now()}
 		}
-		arrivals <- arrival{msg: m, at: time.Now()}
+	}
+}
+
+// sleep waits for d and reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 

@@ -418,3 +418,25 @@ func TestDestinationCreatedJustBeforeABatchGetsIt(t *testing.T) {
 		}
 	}
 }
+
+// TestRouterKeepsRoutingWhenItsSubscriptionEnds deletes the routers' shared
+// consumer under a running router, as an operator's mistake or the loss of
+// an R1 node would. The router must create it again and route what comes
+// next, not stop (or exit) with the backlog growing behind it.
+func TestRouterKeepsRoutingWhenItsSubscriptionEnds(t *testing.T) {
+	f := start(t, []*adminv1.Destination{{Id: "d", TenantId: "t1", Url: "https://example.com/d", Enabled: true}}, nil)
+	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "ingest-b1")
+	f.routed(t)
+	if err := f.js.DeleteConsumer(context.Background(), subject.StreamImpressions, ConsumerName); err != nil {
+		t.Fatal(err)
+	}
+	f.submit(t, &eventv1.Batch{BatchId: "b2", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u2", "a")}}, "ingest-b2")
+	subj, _ := subject.Deliver("d")
+	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		if got, _ := f.on(t, subject.StreamDelivery, subj); len(got) != 2 {
+			return fmt.Errorf("%d of 2 batches routed after the consumer was deleted", len(got))
+		}
+		return nil
+	})
+	f.routed(t)
+}

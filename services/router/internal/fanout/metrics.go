@@ -10,6 +10,7 @@ type metrics struct {
 	viewBehind  prometheus.Counter
 	pending     prometheus.Gauge
 	ackPending  prometheus.Gauge
+	repulls     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -36,8 +37,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		ackPending: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bulkhead_router_consumer_ack_pending", Help: "Batches pulled but not yet acknowledged.",
 		}),
+		repulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bulkhead_router_repulls_total",
+			Help: "Router pulls sent again, by cause: heartbeat (a pull the server dropped), closed (the subscription ended and was replaced).",
+		}, []string{"cause"}),
 	}
-	for _, c := range []prometheus.Collector{m.batches, m.impressions, m.latency, m.full, m.viewBehind, m.pending, m.ackPending} {
+	for _, c := range []prometheus.Collector{m.repulls, m.batches, m.impressions, m.latency, m.full, m.viewBehind, m.pending, m.ackPending} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

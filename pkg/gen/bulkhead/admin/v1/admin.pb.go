@@ -769,7 +769,15 @@ type DestinationHealth struct {
 	FailuresByClass map[string]int64 `protobuf:"bytes,13,rep,name=failures_by_class,json=failuresByClass,proto3" json:"failures_by_class,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// in_flight is the number of batches deliverers hold for the destination
 	// (pulled, not yet acknowledged: being sent, queued or waiting to retry).
-	InFlight      int64 `protobuf:"varint,14,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	InFlight int64 `protobuf:"varint,14,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// oldest_undelivered is when the oldest batch still in DELIVERY was
+	// stored: how far behind delivery is. Unset with nothing in DELIVERY.
+	OldestUndelivered *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=oldest_undelivered,json=oldestUndelivered,proto3" json:"oldest_undelivered,omitempty"`
+	// stalled_since is set while the destination's DELIVERY backlog has not
+	// moved (no attempt, nothing parked) for the monitor's stall period. That
+	// is a fault of Bulkhead, not of the endpoint: it never quarantines, and
+	// the deliverers repair it by pulling again.
+	StalledSince  *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=stalled_since,json=stalledSince,proto3" json:"stalled_since,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -900,6 +908,20 @@ func (x *DestinationHealth) GetInFlight() int64 {
 		return x.InFlight
 	}
 	return 0
+}
+
+func (x *DestinationHealth) GetOldestUndelivered() *timestamppb.Timestamp {
+	if x != nil {
+		return x.OldestUndelivered
+	}
+	return nil
+}
+
+func (x *DestinationHealth) GetStalledSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StalledSince
+	}
+	return nil
 }
 
 // GetDestinationHealthRequest names a destination.
@@ -2078,7 +2100,7 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	"\vdestination\x18\x01 \x01(\v2\x1e.bulkhead.admin.v1.DestinationR\vdestination\"H\n" +
 	"\x18DeleteDestinationRequest\x12,\n" +
 	"\x02id\x18\x01 \x01(\tB\x1c\xbaH\x19r\x172\x15^[A-Za-z0-9_-]{1,64}$R\x02id\"\x1b\n" +
-	"\x19DeleteDestinationResponse\"\xe2\x05\n" +
+	"\x19DeleteDestinationResponse\"\xee\x06\n" +
 	"\x11DestinationHealth\x12%\n" +
 	"\x0edestination_id\x18\x01 \x01(\tR\rdestinationId\x12\x1b\n" +
 	"\ttenant_id\x18\x02 \x01(\tR\btenantId\x127\n" +
@@ -2095,7 +2117,9 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	"\roldest_parked\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\foldestParked\x12=\n" +
 	"\flast_success\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vlastSuccess\x12e\n" +
 	"\x11failures_by_class\x18\r \x03(\v29.bulkhead.admin.v1.DestinationHealth.FailuresByClassEntryR\x0ffailuresByClass\x12\x1b\n" +
-	"\tin_flight\x18\x0e \x01(\x03R\binFlight\x1aB\n" +
+	"\tin_flight\x18\x0e \x01(\x03R\binFlight\x12I\n" +
+	"\x12oldest_undelivered\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x11oldestUndelivered\x12?\n" +
+	"\rstalled_since\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\fstalledSince\x1aB\n" +
 	"\x14FailuresByClassEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"K\n" +
@@ -2254,54 +2278,56 @@ var file_bulkhead_admin_v1_admin_proto_depIdxs = []int32{
 	36, // 13: bulkhead.admin.v1.DestinationHealth.oldest_parked:type_name -> google.protobuf.Timestamp
 	36, // 14: bulkhead.admin.v1.DestinationHealth.last_success:type_name -> google.protobuf.Timestamp
 	34, // 15: bulkhead.admin.v1.DestinationHealth.failures_by_class:type_name -> bulkhead.admin.v1.DestinationHealth.FailuresByClassEntry
-	12, // 16: bulkhead.admin.v1.GetDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
-	38, // 17: bulkhead.admin.v1.ListDestinationHealthRequest.state:type_name -> bulkhead.event.v1.State
-	12, // 18: bulkhead.admin.v1.ListDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
-	37, // 19: bulkhead.admin.v1.PauseDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
-	37, // 20: bulkhead.admin.v1.ResumeDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
-	36, // 21: bulkhead.admin.v1.TimeRange.start:type_name -> google.protobuf.Timestamp
-	36, // 22: bulkhead.admin.v1.TimeRange.end:type_name -> google.protobuf.Timestamp
-	25, // 23: bulkhead.admin.v1.ReplayParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	25, // 24: bulkhead.admin.v1.ExportParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	36, // 25: bulkhead.admin.v1.ExportParkedResponse.parked_at:type_name -> google.protobuf.Timestamp
-	39, // 26: bulkhead.admin.v1.ExportParkedResponse.impressions:type_name -> bulkhead.ingest.v1.Impression
-	25, // 27: bulkhead.admin.v1.PurgeParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	37, // 28: bulkhead.admin.v1.WatchDecisionsResponse.decision:type_name -> bulkhead.event.v1.Decision
-	2,  // 29: bulkhead.admin.v1.AdminService.CreateDestination:input_type -> bulkhead.admin.v1.CreateDestinationRequest
-	4,  // 30: bulkhead.admin.v1.AdminService.GetDestination:input_type -> bulkhead.admin.v1.GetDestinationRequest
-	6,  // 31: bulkhead.admin.v1.AdminService.ListDestinations:input_type -> bulkhead.admin.v1.ListDestinationsRequest
-	8,  // 32: bulkhead.admin.v1.AdminService.UpdateDestination:input_type -> bulkhead.admin.v1.UpdateDestinationRequest
-	10, // 33: bulkhead.admin.v1.AdminService.DeleteDestination:input_type -> bulkhead.admin.v1.DeleteDestinationRequest
-	13, // 34: bulkhead.admin.v1.AdminService.GetDestinationHealth:input_type -> bulkhead.admin.v1.GetDestinationHealthRequest
-	15, // 35: bulkhead.admin.v1.AdminService.ListDestinationHealth:input_type -> bulkhead.admin.v1.ListDestinationHealthRequest
-	17, // 36: bulkhead.admin.v1.AdminService.PauseDestination:input_type -> bulkhead.admin.v1.PauseDestinationRequest
-	19, // 37: bulkhead.admin.v1.AdminService.ResumeDestination:input_type -> bulkhead.admin.v1.ResumeDestinationRequest
-	21, // 38: bulkhead.admin.v1.AdminService.PauseTenant:input_type -> bulkhead.admin.v1.PauseTenantRequest
-	23, // 39: bulkhead.admin.v1.AdminService.ResumeTenant:input_type -> bulkhead.admin.v1.ResumeTenantRequest
-	26, // 40: bulkhead.admin.v1.AdminService.ReplayParked:input_type -> bulkhead.admin.v1.ReplayParkedRequest
-	28, // 41: bulkhead.admin.v1.AdminService.ExportParked:input_type -> bulkhead.admin.v1.ExportParkedRequest
-	30, // 42: bulkhead.admin.v1.AdminService.PurgeParked:input_type -> bulkhead.admin.v1.PurgeParkedRequest
-	32, // 43: bulkhead.admin.v1.AdminService.WatchDecisions:input_type -> bulkhead.admin.v1.WatchDecisionsRequest
-	3,  // 44: bulkhead.admin.v1.AdminService.CreateDestination:output_type -> bulkhead.admin.v1.CreateDestinationResponse
-	5,  // 45: bulkhead.admin.v1.AdminService.GetDestination:output_type -> bulkhead.admin.v1.GetDestinationResponse
-	7,  // 46: bulkhead.admin.v1.AdminService.ListDestinations:output_type -> bulkhead.admin.v1.ListDestinationsResponse
-	9,  // 47: bulkhead.admin.v1.AdminService.UpdateDestination:output_type -> bulkhead.admin.v1.UpdateDestinationResponse
-	11, // 48: bulkhead.admin.v1.AdminService.DeleteDestination:output_type -> bulkhead.admin.v1.DeleteDestinationResponse
-	14, // 49: bulkhead.admin.v1.AdminService.GetDestinationHealth:output_type -> bulkhead.admin.v1.GetDestinationHealthResponse
-	16, // 50: bulkhead.admin.v1.AdminService.ListDestinationHealth:output_type -> bulkhead.admin.v1.ListDestinationHealthResponse
-	18, // 51: bulkhead.admin.v1.AdminService.PauseDestination:output_type -> bulkhead.admin.v1.PauseDestinationResponse
-	20, // 52: bulkhead.admin.v1.AdminService.ResumeDestination:output_type -> bulkhead.admin.v1.ResumeDestinationResponse
-	22, // 53: bulkhead.admin.v1.AdminService.PauseTenant:output_type -> bulkhead.admin.v1.PauseTenantResponse
-	24, // 54: bulkhead.admin.v1.AdminService.ResumeTenant:output_type -> bulkhead.admin.v1.ResumeTenantResponse
-	27, // 55: bulkhead.admin.v1.AdminService.ReplayParked:output_type -> bulkhead.admin.v1.ReplayParkedResponse
-	29, // 56: bulkhead.admin.v1.AdminService.ExportParked:output_type -> bulkhead.admin.v1.ExportParkedResponse
-	31, // 57: bulkhead.admin.v1.AdminService.PurgeParked:output_type -> bulkhead.admin.v1.PurgeParkedResponse
-	33, // 58: bulkhead.admin.v1.AdminService.WatchDecisions:output_type -> bulkhead.admin.v1.WatchDecisionsResponse
-	44, // [44:59] is the sub-list for method output_type
-	29, // [29:44] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	36, // 16: bulkhead.admin.v1.DestinationHealth.oldest_undelivered:type_name -> google.protobuf.Timestamp
+	36, // 17: bulkhead.admin.v1.DestinationHealth.stalled_since:type_name -> google.protobuf.Timestamp
+	12, // 18: bulkhead.admin.v1.GetDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
+	38, // 19: bulkhead.admin.v1.ListDestinationHealthRequest.state:type_name -> bulkhead.event.v1.State
+	12, // 20: bulkhead.admin.v1.ListDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
+	37, // 21: bulkhead.admin.v1.PauseDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
+	37, // 22: bulkhead.admin.v1.ResumeDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
+	36, // 23: bulkhead.admin.v1.TimeRange.start:type_name -> google.protobuf.Timestamp
+	36, // 24: bulkhead.admin.v1.TimeRange.end:type_name -> google.protobuf.Timestamp
+	25, // 25: bulkhead.admin.v1.ReplayParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	25, // 26: bulkhead.admin.v1.ExportParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	36, // 27: bulkhead.admin.v1.ExportParkedResponse.parked_at:type_name -> google.protobuf.Timestamp
+	39, // 28: bulkhead.admin.v1.ExportParkedResponse.impressions:type_name -> bulkhead.ingest.v1.Impression
+	25, // 29: bulkhead.admin.v1.PurgeParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	37, // 30: bulkhead.admin.v1.WatchDecisionsResponse.decision:type_name -> bulkhead.event.v1.Decision
+	2,  // 31: bulkhead.admin.v1.AdminService.CreateDestination:input_type -> bulkhead.admin.v1.CreateDestinationRequest
+	4,  // 32: bulkhead.admin.v1.AdminService.GetDestination:input_type -> bulkhead.admin.v1.GetDestinationRequest
+	6,  // 33: bulkhead.admin.v1.AdminService.ListDestinations:input_type -> bulkhead.admin.v1.ListDestinationsRequest
+	8,  // 34: bulkhead.admin.v1.AdminService.UpdateDestination:input_type -> bulkhead.admin.v1.UpdateDestinationRequest
+	10, // 35: bulkhead.admin.v1.AdminService.DeleteDestination:input_type -> bulkhead.admin.v1.DeleteDestinationRequest
+	13, // 36: bulkhead.admin.v1.AdminService.GetDestinationHealth:input_type -> bulkhead.admin.v1.GetDestinationHealthRequest
+	15, // 37: bulkhead.admin.v1.AdminService.ListDestinationHealth:input_type -> bulkhead.admin.v1.ListDestinationHealthRequest
+	17, // 38: bulkhead.admin.v1.AdminService.PauseDestination:input_type -> bulkhead.admin.v1.PauseDestinationRequest
+	19, // 39: bulkhead.admin.v1.AdminService.ResumeDestination:input_type -> bulkhead.admin.v1.ResumeDestinationRequest
+	21, // 40: bulkhead.admin.v1.AdminService.PauseTenant:input_type -> bulkhead.admin.v1.PauseTenantRequest
+	23, // 41: bulkhead.admin.v1.AdminService.ResumeTenant:input_type -> bulkhead.admin.v1.ResumeTenantRequest
+	26, // 42: bulkhead.admin.v1.AdminService.ReplayParked:input_type -> bulkhead.admin.v1.ReplayParkedRequest
+	28, // 43: bulkhead.admin.v1.AdminService.ExportParked:input_type -> bulkhead.admin.v1.ExportParkedRequest
+	30, // 44: bulkhead.admin.v1.AdminService.PurgeParked:input_type -> bulkhead.admin.v1.PurgeParkedRequest
+	32, // 45: bulkhead.admin.v1.AdminService.WatchDecisions:input_type -> bulkhead.admin.v1.WatchDecisionsRequest
+	3,  // 46: bulkhead.admin.v1.AdminService.CreateDestination:output_type -> bulkhead.admin.v1.CreateDestinationResponse
+	5,  // 47: bulkhead.admin.v1.AdminService.GetDestination:output_type -> bulkhead.admin.v1.GetDestinationResponse
+	7,  // 48: bulkhead.admin.v1.AdminService.ListDestinations:output_type -> bulkhead.admin.v1.ListDestinationsResponse
+	9,  // 49: bulkhead.admin.v1.AdminService.UpdateDestination:output_type -> bulkhead.admin.v1.UpdateDestinationResponse
+	11, // 50: bulkhead.admin.v1.AdminService.DeleteDestination:output_type -> bulkhead.admin.v1.DeleteDestinationResponse
+	14, // 51: bulkhead.admin.v1.AdminService.GetDestinationHealth:output_type -> bulkhead.admin.v1.GetDestinationHealthResponse
+	16, // 52: bulkhead.admin.v1.AdminService.ListDestinationHealth:output_type -> bulkhead.admin.v1.ListDestinationHealthResponse
+	18, // 53: bulkhead.admin.v1.AdminService.PauseDestination:output_type -> bulkhead.admin.v1.PauseDestinationResponse
+	20, // 54: bulkhead.admin.v1.AdminService.ResumeDestination:output_type -> bulkhead.admin.v1.ResumeDestinationResponse
+	22, // 55: bulkhead.admin.v1.AdminService.PauseTenant:output_type -> bulkhead.admin.v1.PauseTenantResponse
+	24, // 56: bulkhead.admin.v1.AdminService.ResumeTenant:output_type -> bulkhead.admin.v1.ResumeTenantResponse
+	27, // 57: bulkhead.admin.v1.AdminService.ReplayParked:output_type -> bulkhead.admin.v1.ReplayParkedResponse
+	29, // 58: bulkhead.admin.v1.AdminService.ExportParked:output_type -> bulkhead.admin.v1.ExportParkedResponse
+	31, // 59: bulkhead.admin.v1.AdminService.PurgeParked:output_type -> bulkhead.admin.v1.PurgeParkedResponse
+	33, // 60: bulkhead.admin.v1.AdminService.WatchDecisions:output_type -> bulkhead.admin.v1.WatchDecisionsResponse
+	46, // [46:61] is the sub-list for method output_type
+	31, // [31:46] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_bulkhead_admin_v1_admin_proto_init() }

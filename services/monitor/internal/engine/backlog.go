@@ -1,0 +1,91 @@
+package engine
+
+import (
+	"context"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+// DefaultStallAfter is how long a backlog may go without moving before it
+// is reported stalled: far above a healthy lane's repair time (two missed
+// pull heartbeats, 4 s), well below the point where customers notice.
+const DefaultStallAfter = 30 * time.Second
+
+// watchBacklog reads every destination's DELIVERY backlog on each replica,
+// so each one's admin API and metrics report stalls. It returns when ctx
+// ends.
+func (e *Engine) watchBacklog(ctx context.Context) {
+	t := time.NewTicker(e.cfg.BacklogInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, e.cfg.BacklogInterval)
+		backlog, err := e.readBacklog(rctx)
+		cancel()
+		if err != nil {
+			e.log.Warn("read DELIVERY backlog", "err", err)
+			continue
+		}
+		e.checkStalls(time.Now(), backlog)
+	}
+}
+
+// readBacklog returns the batches waiting in DELIVERY per destination.
+func (e *Engine) readBacklog(ctx context.Context) (map[string]int64, error) {
+	st, err := e.js.Stream(ctx, subject.StreamDelivery)
+	if err != nil {
+		return nil, err
+	}
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subject.AllDeliver))
+	if err != nil {
+		return nil, err
+	}
+	backlog := make(map[string]int64, len(info.State.Subjects))
+	for subj, n := range info.State.Subjects {
+		if id, err := subject.IDFrom(subj); err == nil {
+			backlog[id] = int64(n)
+		}
+	}
+	return backlog, nil
+}
+
+// checkStalls feeds a backlog snapshot to the stall tracker and reports
+// what changed. A stall is Bulkhead's fault, so it is logged and measured,
+// and never fed to the health machine.
+func (e *Engine) checkStalls(now time.Time, backlog map[string]int64) {
+	var total int64
+	for _, n := range backlog {
+		total += n
+	}
+	e.statsMu.Lock()
+	stalled, resumed := e.stalls.Update(now, backlog, e.patience)
+	n := e.stalls.Stalled()
+	e.statsMu.Unlock()
+	e.metrics.backlog.Set(float64(total))
+	e.metrics.stalled.Set(float64(n))
+	for _, id := range stalled {
+		e.metrics.stalls.Inc()
+		e.log.Error("delivery stalled: backlog not moving (a Bulkhead fault, not the endpoint's)",
+			"destination", id, "backlog", backlog[id], "registered", e.reg.Destination(id) != nil)
+	}
+	for _, id := range resumed {
+		e.log.Info("delivery moving again", "destination", id)
+	}
+}
+
+// patience is the least time dest may go without progress before it counts
+// as stalled: three of its request timeouts, since a hanging endpoint makes
+// attempts that rare.
+func (e *Engine) patience(dest string) time.Duration {
+	if d := e.reg.Destination(dest); d != nil {
+		return 3 * d.GetTimeout().AsDuration()
+	}
+	return 0
+}

@@ -1,0 +1,94 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+// TestUnmovingBacklogIsReportedStalledNotQuarantined leaves one
+// destination's batches in DELIVERY with nobody delivering them, while a
+// second destination's backlog moves (attempts keep arriving). Every
+// replica must report the first stalled, the second not; neither may be
+// quarantined (a stall is Bulkhead's fault, not the endpoint's); and the
+// stall must end once the backlog is gone.
+func TestUnmovingBacklogIsReportedStalledNotQuarantined(t *testing.T) {
+	e, _ := startEnginesWith(t, 2, func(c *Config) {
+		c.StallAfter, c.BacklogInterval = 2*time.Second, 100*time.Millisecond
+	})
+	srv := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	t.Cleanup(srv.Close)
+	e.destination("stuck", srv.URL)
+	e.destination("moving", srv.URL)
+	for _, id := range []string{"stuck", "moving"} {
+		subj, _ := subject.Deliver(id)
+		for i := range 3 {
+			if _, err := e.js.Publish(context.Background(), subj, fmt.Appendf(nil, "batch %d", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// "moving" gets an attempt every 200 ms; "stuck" none.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	attempts := make(chan struct{})
+	go func() {
+		defer close(attempts)
+		tick := time.NewTicker(200 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				e.outcome("moving", eventv1.ErrorClass_ERROR_CLASS_UNSPECIFIED)
+			}
+		}
+	}()
+
+	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+		for i, eng := range e.engines {
+			if h := eng.Stats("stuck"); h.GetStalledSince() == nil {
+				return fmt.Errorf("replica %d: stuck not reported stalled", i)
+			}
+		}
+		return nil
+	})
+	for i, eng := range e.engines {
+		if h := eng.Stats("moving"); h.GetStalledSince() != nil {
+			t.Errorf("replica %d: moving reported stalled since %v although attempts keep arriving", i, h.GetStalledSince().AsTime())
+		}
+	}
+	if got := e.state("stuck"); got != eventv1.State_STATE_HEALTHY {
+		t.Errorf("stuck is %v: a stall must not quarantine", got)
+	}
+
+	// The backlog goes (delivered, say): the stall ends.
+	st, err := e.js.Stream(context.Background(), subject.StreamDelivery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subj, _ := subject.Deliver("stuck")
+	if err := st.Purge(context.Background(), jetstream.WithPurgeSubject(subj)); err != nil {
+		t.Fatal(err)
+	}
+	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+		for i, eng := range e.engines {
+			if h := eng.Stats("stuck"); h.GetStalledSince() != nil {
+				return fmt.Errorf("replica %d: stuck still stalled after its backlog went", i)
+			}
+		}
+		return nil
+	})
+	cancel()
+	<-attempts
+}
