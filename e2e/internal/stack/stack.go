@@ -57,10 +57,15 @@ type Options struct {
 	// Log receives the services' logs (default: discarded, or stderr when
 	// BULKHEAD_TEST_LOG is set).
 	Log *slog.Logger
+	// NATSURL, when set, is an external NATS cluster (e2e/internal/cluster)
+	// the services use instead of an embedded server; StoreDir is then
+	// unused and every stream and bucket has three replicas.
+	NATSURL string
 }
 
 // Stack is a running system.
 type Stack struct {
+	// NATS is the embedded server; nil with Options.NATSURL.
 	NATS       *server.Server
 	IngestAddr string
 	AdminAddrs []string
@@ -80,8 +85,8 @@ type proc struct {
 
 // Start starts NATS and the services and returns once every gRPC port answers.
 func Start(opts Options) (*Stack, error) {
-	if opts.StoreDir == "" {
-		return nil, errors.New("stack: StoreDir is required")
+	if opts.StoreDir == "" && opts.NATSURL == "" {
+		return nil, errors.New("stack: StoreDir or NATSURL is required")
 	}
 	if opts.Monitors == 0 {
 		opts.Monitors = 1
@@ -97,27 +102,34 @@ func Start(opts Options) (*Stack, error) {
 		}
 		log = slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: opts.StoreDir, NoLog: true, NoSigs: true})
-	if err != nil {
-		return nil, err
+	s := &Stack{log: log, procs: map[string]*proc{}}
+	url, replicas := opts.NATSURL, "3"
+	if url == "" {
+		ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: opts.StoreDir, NoLog: true, NoSigs: true})
+		if err != nil {
+			return nil, err
+		}
+		ns.Start()
+		if !ns.ReadyForConnections(10 * time.Second) {
+			ns.Shutdown()
+			return nil, errors.New("stack: nats not ready")
+		}
+		s.NATS, url, replicas = ns, ns.ClientURL(), "1"
 	}
-	ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		ns.Shutdown()
-		return nil, errors.New("stack: nats not ready")
-	}
-	s := &Stack{NATS: ns, log: log, procs: map[string]*proc{}}
-	url := ns.ClientURL()
 	allow := "127.0.0.0/8,::1/128"
+	base := func(extra map[string]string) map[string]string {
+		extra["nats-url"], extra["metrics-addr"], extra["stream-replicas"] = url, "", replicas
+		return extra
+	}
 
 	cfgs := Configs{
-		Ingest: parse(ingest.Flags, map[string]string{"nats-url": url, "metrics-addr": "", "api-keys": join(opts.APIKeys)}),
-		Router: parse(router.Flags, map[string]string{"nats-url": url, "metrics-addr": ""}),
-		Deliverer: parse(deliverer.Flags, map[string]string{"nats-url": url, "metrics-addr": "", "allow-nets": allow,
-			"retry-base": "100ms", "retry-max": "2s"}),
-		Monitor: parse(monitor.Flags, map[string]string{"nats-url": url, "metrics-addr": "", "allow-nets": allow,
+		Ingest: parse(ingest.Flags, base(map[string]string{"api-keys": join(opts.APIKeys)})),
+		Router: parse(router.Flags, base(map[string]string{})),
+		Deliverer: parse(deliverer.Flags, base(map[string]string{"allow-nets": allow,
+			"retry-base": "100ms", "retry-max": "2s"})),
+		Monitor: parse(monitor.Flags, base(map[string]string{"allow-nets": allow,
 			"admin-tokens":    "admin:" + AdminToken + ":operator,viewer:" + ViewerToken + ":read",
-			"request-timeout": "2s", "probe-initial": "500ms", "probe-max": "4s"}),
+			"request-timeout": "2s", "probe-initial": "500ms", "probe-max": "4s"})),
 	}
 	if opts.Tune != nil {
 		opts.Tune(&cfgs)
@@ -168,7 +180,8 @@ func Start(opts Options) (*Stack, error) {
 // waitServing waits until every address answers SERVING: the service has
 // connected, created its streams and serves.
 func (s *Stack) waitServing(addrs []string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	// Generous: on a fresh cluster the streams' leaders are being elected.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	for _, addr := range addrs {
 		if err := grpcserver.WaitServing(ctx, addr); err != nil {
@@ -227,8 +240,10 @@ func (s *Stack) Close() {
 	for _, p := range procs {
 		<-p.done
 	}
-	s.NATS.Shutdown()
-	s.NATS.WaitForShutdown()
+	if s.NATS != nil {
+		s.NATS.Shutdown()
+		s.NATS.WaitForShutdown()
+	}
 }
 
 // Dial returns a client connection to addr, closed by Close.
