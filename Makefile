@@ -6,10 +6,13 @@ BUF_VERSION             := v1.75.0
 PROTOC_GEN_GO_VERSION   := v1.36.12
 PROTOC_GEN_GRPC_VERSION := v1.6.2
 PROTOVALIDATE_VERSION   := v1.2.2
+GOLANGCI_LINT_VERSION   := v2.15.0
 
 ROOT    := $(CURDIR)
 BIN     := $(ROOT)/.build/bin
-MODULES := ./pkg/... ./services/ingest/... ./services/router/... ./services/deliverer/... ./services/monitor/... ./services/devstack/... ./e2e/...
+# Every module of the workspace, from go.work itself.
+MODULE_DIRS := $(shell go list -m -f '{{.Dir}}')
+MODULES     := $(addsuffix /...,$(MODULE_DIRS))
 
 .PHONY: help
 help: ## list the targets
@@ -20,7 +23,7 @@ run: ## run the whole system on one machine (embedded NATS, all services)
 	go run ./services/devstack
 
 .PHONY: test
-test: lint generate-check vet ## everything CI checks: buf lint, generated code, go vet, go test -race
+test: lint generate-check vet ## everything CI checks: buf lint, gofmt, golangci-lint, generated code, go vet, go test -race
 	go test -race -count=1 -timeout 20m $(MODULES)
 
 .PHONY: test-short
@@ -33,6 +36,8 @@ vet: ## go vet every module
 
 $(BIN)/buf:
 	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(BIN)/golangci-lint:
+	GOBIN=$(BIN) go install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 $(BIN)/protoc-gen-go:
 	GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 $(BIN)/protoc-gen-go-grpc:
@@ -49,8 +54,13 @@ $(BIN)/protoc-gen-go-grpc:
 tools: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc .build/protovalidate/buf/validate/validate.proto
 
 .PHONY: lint
-lint: tools ## buf lint the protos
+lint: tools $(BIN)/golangci-lint ## buf lint the protos, gofmt and golangci-lint the Go code
 	$(BIN)/buf lint
+	@unformatted=$$(gofmt -l $(MODULE_DIRS)); if [ -n "$$unformatted" ]; then \
+	  echo "not gofmt-clean (run gofmt -w):"; echo "$$unformatted"; exit 1; fi
+	@# golangci-lint runs per module: it does not span a workspace.
+	@for dir in $(MODULE_DIRS); do echo "golangci-lint $$dir"; \
+	  (cd $$dir && $(BIN)/golangci-lint run --config $(ROOT)/.golangci.yaml ./...) || exit 1; done
 
 .PHONY: generate
 generate: tools ## regenerate pkg/gen from proto/

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 )
 
 // Run competes for key in kv as holder until ctx ends. It calls onChange(true)
@@ -59,3 +61,39 @@ func Run(ctx context.Context, kv jetstream.KeyValue, key, holder string, renew t
 		}
 	}
 }
+
+// Elector competes for a lease in the background and reports leadership as
+// a subscription: Changes carries the latest state, never blocking the
+// renew loop, and is closed once the elector has stopped (the lease given
+// up). Consumers act on each value they read.
+type Elector struct {
+	changes chan bool
+	handle  *lifecycle.Handle
+}
+
+// Elect starts competing for key in kv as holder (see Run) until Stop or ctx
+// ends.
+func Elect(ctx context.Context, kv jetstream.KeyValue, key, holder string, renew time.Duration, log *slog.Logger) *Elector {
+	e := &Elector{changes: make(chan bool, 1)}
+	e.handle = lifecycle.Start(ctx, func(ctx context.Context) error {
+		defer close(e.changes)
+		Run(ctx, kv, key, holder, renew, log, func(held bool) {
+			// Keep only the latest state: a reader that fell behind sees
+			// where leadership is now, not every step on the way.
+			select {
+			case <-e.changes:
+			default:
+			}
+			e.changes <- held
+		})
+		return nil
+	})
+	return e
+}
+
+// Changes delivers true when the lease is gained and false when it is lost;
+// it is closed when the elector stops.
+func (e *Elector) Changes() <-chan bool { return e.changes }
+
+// Stop gives the lease up (if held) and returns once the elector has stopped.
+func (e *Elector) Stop() { _ = e.handle.Stop() }

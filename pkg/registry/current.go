@@ -44,6 +44,16 @@ func newCurrent(js jetstream.JetStream, s jetstream.Stream) *current {
 	return &current{js: js, stream: s, timeout: CurrentTimeout, grew: make(chan struct{})}
 }
 
+// reset sets the applied revision after a (re)load of the bucket, which may
+// lower it: a re-created bucket starts its revisions again.
+func (c *current) reset(rev uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.applied = rev
+	close(c.grew)
+	c.grew = make(chan struct{})
+}
+
 // apply records that the watch applied a revision.
 func (c *current) apply(rev uint64) {
 	c.mu.Lock()

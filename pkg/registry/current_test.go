@@ -17,7 +17,7 @@ import (
 // closes the gap between a KV write and the watch delivering it.
 func TestAwaitCurrentSeesEveryEarlierWrite(t *testing.T) {
 	js, dests, _ := setup(t)
-	r := watch(t, js, nil)
+	r := openView(t, js, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for i := range 200 {

@@ -6,8 +6,6 @@ package registry
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
@@ -18,7 +16,7 @@ import (
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 )
 
 // KV values are protojson, so an operator can read them with `nats kv get`.
@@ -55,123 +53,104 @@ type Change struct {
 // Registry is the in-memory view. Its methods are safe for concurrent use.
 // Values returned must not be modified.
 type Registry struct {
+	js  jetstream.JetStream
+	log *slog.Logger
+	cur *current
+
 	mu        sync.RWMutex
 	dests     map[string]*adminv1.Destination
 	byTenant  map[string][]*adminv1.Destination
 	decisions map[string]*eventv1.Decision
-	cur       *current
+	subs      map[*Subscription]struct{}
+
+	watches [2]*watch // by kind - 1
+	group   lifecycle.Group
+	stop    context.CancelFunc
 }
 
-// Watch loads both buckets and keeps the view current until ctx ends. It
-// returns once the current values are loaded. onChange, when not nil, is
-// called for every change after the initial load (and for every value of the
-// initial load too, so a consumer can build its own state the same way),
-// from the watch goroutine, in order.
-func Watch(ctx context.Context, js jetstream.JetStream, log *slog.Logger, onChange func(Change)) (*Registry, error) {
+// Open loads both buckets and keeps the view current until Stop. It
+// returns once the current values are loaded; ctx bounds only that load.
+// A watch that ends (a NATS node restart, a bucket re-created) is started
+// again and the view resynchronised, so the view never freezes.
+func Open(ctx context.Context, js jetstream.JetStream, log *slog.Logger) (*Registry, error) {
 	r := &Registry{
+		js: js, log: log,
 		dests:     map[string]*adminv1.Destination{},
 		byTenant:  map[string][]*adminv1.Destination{},
 		decisions: map[string]*eventv1.Decision{},
+		subs:      map[*Subscription]struct{}{},
 	}
-	destKV, err := js.KeyValue(ctx, subject.BucketDestinations)
-	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", subject.BucketDestinations, err)
-	}
-	decKV, err := js.KeyValue(ctx, subject.BucketQuarantine)
-	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", subject.BucketQuarantine, err)
-	}
-	// The bucket's last sequence before the watch starts: the initial values
-	// cover it even when its message is gone (a purged stream).
-	destStream, err := js.Stream(ctx, "KV_"+subject.BucketDestinations)
-	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", subject.BucketDestinations, err)
-	}
-	r.cur = newCurrent(js, destStream)
-	loaded := destStream.CachedInfo().State.LastSeq
-	for _, w := range []struct {
-		kv   jetstream.KeyValue
-		kind Kind
-	}{{destKV, DestinationChanged}, {decKV, DecisionChanged}} {
-		watcher, err := w.kv.WatchAll(ctx)
+	for _, kind := range []Kind{DestinationChanged, DecisionChanged} {
+		w, err := newWatch(ctx, js, kind)
 		if err != nil {
-			return nil, fmt.Errorf("watch %s: %w", w.kv.Bucket(), err)
+			return nil, err
 		}
-		// The initial values end with a nil entry; wait for it so callers
-		// start with a complete view.
-		for e := range watcher.Updates() {
-			if e == nil {
-				break
-			}
-			r.apply(w.kind, e, log, onChange)
-		}
-		if w.kind == DestinationChanged {
-			r.cur.apply(loaded)
-		}
-		go func(watcher jetstream.KeyWatcher, kind Kind) {
-			defer func() { _ = watcher.Stop() }()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case e, ok := <-watcher.Updates():
-					if !ok {
-						return
-					}
-					if e != nil {
-						r.apply(kind, e, log, onChange)
-					}
-				}
-			}
-		}(watcher, w.kind)
+		r.watches[kind-1] = w
 	}
+	r.cur = newCurrent(js, r.watches[DestinationChanged-1].stream)
+	wctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	r.stop = stop
+	for _, w := range r.watches {
+		watcher, err := r.load(ctx, wctx, w)
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		w.watcher = watcher
+	}
+	for _, w := range r.watches {
+		r.group.Go(func() { r.follow(wctx, w) })
+	}
+	r.group.Go(func() { lifecycle.Every(wctx, freshnessInterval, r.checkFresh) })
 	return r, nil
 }
 
-func (r *Registry) apply(kind Kind, e jetstream.KeyValueEntry, log *slog.Logger, onChange func(Change)) {
-	if kind == DestinationChanged {
-		// Counted even when the value is ignored below: the view is as
-		// current as the watch, whatever the value held.
-		defer r.cur.apply(e.Revision())
-	}
-	deleted := e.Operation() != jetstream.KeyValuePut
-	c := Change{Kind: kind, ID: e.Key(), Deleted: deleted}
+// Stop ends the watches and waits for them. The view keeps its last values.
+func (r *Registry) Stop() {
+	r.stop()
+	r.group.Stop()
+}
+
+// change applies c to the view and queues it for every subscription, under
+// one lock, so a subscription's snapshot and its changes never overlap or
+// leave a gap.
+func (r *Registry) change(kind Kind, c Change) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	switch kind {
 	case DestinationChanged:
-		var d adminv1.Destination
-		if !deleted {
-			if err := Decode(e.Value(), &d); err != nil {
-				log.Error("bad destination value; ignored", "key", e.Key(), "err", err)
-				return
-			}
-			c.Destination = &d
-		}
-		r.setDestination(e.Key(), c.Destination)
+		r.setDestination(c.ID, c.Destination)
 	case DecisionChanged:
-		var d eventv1.Decision
-		if !deleted {
-			if err := Decode(e.Value(), &d); err != nil {
-				log.Error("bad decision value; ignored", "key", e.Key(), "err", err)
-				return
-			}
-			c.Decision = &d
-		}
-		r.mu.Lock()
-		if deleted {
-			delete(r.decisions, e.Key())
+		if c.Deleted {
+			delete(r.decisions, c.ID)
 		} else {
-			r.decisions[e.Key()] = c.Decision
+			r.decisions[c.ID] = c.Decision
 		}
-		r.mu.Unlock()
 	}
-	if onChange != nil {
-		onChange(c)
+	for s := range r.subs {
+		s.push(c)
 	}
 }
 
+// keys returns the ids the view holds for kind.
+func (r *Registry) keys(kind Kind) []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []string
+	if kind == DestinationChanged {
+		for id := range r.dests {
+			out = append(out, id)
+		}
+	} else {
+		for id := range r.decisions {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// setDestination replaces (d nil: removes) a destination. r.mu must be held.
 func (r *Registry) setDestination(id string, d *adminv1.Destination) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	if old, ok := r.dests[id]; ok {
 		list := r.byTenant[old.GetTenantId()]
 		for i, x := range list {
@@ -232,44 +211,4 @@ func (r *Registry) State(id string) eventv1.State {
 		return d.GetState()
 	}
 	return eventv1.State_STATE_HEALTHY
-}
-
-// Held reports whether traffic for a destination must be parked instead of
-// delivered: it is quarantined, being probed or paused.
-func Held(s eventv1.State) bool {
-	switch s {
-	case eventv1.State_STATE_QUARANTINED, eventv1.State_STATE_PROBING, eventv1.State_STATE_PAUSED:
-		return true
-	}
-	return false
-}
-
-// ErrConflict is returned by PutDecision when the stored revision is not the
-// one the caller read: someone else decided in between.
-var ErrConflict = errors.New("decision changed concurrently")
-
-// PutDecision stores d under its destination id if the key's KV revision is
-// still lastRev (0: the key must not exist). It returns the new KV revision.
-func PutDecision(ctx context.Context, kv jetstream.KeyValue, d *eventv1.Decision, lastRev uint64) (uint64, error) {
-	if err := subject.CheckID(d.GetDestinationId()); err != nil {
-		return 0, err
-	}
-	b, err := Encode(d)
-	if err != nil {
-		return 0, err
-	}
-	var rev uint64
-	if lastRev == 0 {
-		rev, err = kv.Create(ctx, d.GetDestinationId(), b)
-	} else {
-		rev, err = kv.Update(ctx, d.GetDestinationId(), b, lastRev)
-	}
-	if errors.Is(err, jetstream.ErrKeyExists) {
-		return 0, ErrConflict
-	}
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-		return 0, ErrConflict
-	}
-	return rev, err
 }

@@ -100,15 +100,40 @@ func (r *recorder) summary(kind Kind) []string {
 	return out
 }
 
-func watch(t *testing.T, js jetstream.JetStream, onChange func(Change)) *Registry {
+// openView opens a registry and, with onChange, feeds it every change of a
+// subscription until the test ends.
+func openView(t *testing.T, js jetstream.JetStream, onChange func(Change)) *Registry {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	r, err := Watch(ctx, js, slog.New(slog.DiscardHandler), onChange)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	r, err := Open(ctx, js, slog.New(slog.DiscardHandler))
 	if err != nil {
-		t.Fatalf("Watch: %v", err)
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(r.Stop)
+	if onChange != nil {
+		feed(t, r.Subscribe(), onChange)
 	}
 	return r
+}
+
+// feed calls onChange for every change of sub until the test ends.
+func feed(t *testing.T, sub *Subscription, onChange func(Change)) {
+	done, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-done:
+				return
+			case <-sub.Ready():
+				for _, c := range sub.Take() {
+					onChange(c)
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { sub.Close(); close(done); <-stopped })
 }
 
 func ids(ds []*adminv1.Destination) []string {
@@ -132,7 +157,7 @@ func TestWatchLoadsCurrentValues(t *testing.T) {
 	putDecision(t, decs, "d1", eventv1.State_STATE_QUARANTINED)
 
 	rec := &recorder{}
-	r := watch(t, js, rec.onChange)
+	r := openView(t, js, rec.onChange)
 
 	// Watch returns only once the current values are loaded: no polling.
 	if got := ids(r.ForTenant("t1")); !slices.Equal(got, []string{"d1", "d2"}) {
@@ -156,20 +181,24 @@ func TestWatchLoadsCurrentValues(t *testing.T) {
 	if got := r.State("d2"); got != eventv1.State_STATE_HEALTHY {
 		t.Errorf("State(d2) = %v, want HEALTHY", got)
 	}
-	// The initial load is reported through onChange too.
-	wantDest := []string{"d1:t1", "d2:t1", "d3:t2", "gone:del"}
-	if got := rec.summary(DestinationChanged); !slices.Equal(got, wantDest) {
-		t.Errorf("initial destination changes = %v, want %v", got, wantDest)
-	}
-	if got := rec.summary(DecisionChanged); !slices.Equal(got, []string{"d1:STATE_QUARANTINED"}) {
-		t.Errorf("initial decision changes = %v", got)
-	}
+	// A subscription starts with the view as it is (delivered by the
+	// feeding goroutine, so wait for it).
+	wantDest := []string{"d1:t1", "d2:t1", "d3:t2"}
+	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		if got := rec.summary(DestinationChanged); !slices.Equal(got, wantDest) {
+			return fmt.Errorf("initial destination changes = %v, want %v", got, wantDest)
+		}
+		if got := rec.summary(DecisionChanged); !slices.Equal(got, []string{"d1:STATE_QUARANTINED"}) {
+			return fmt.Errorf("initial decision changes = %v", got)
+		}
+		return nil
+	})
 }
 
 func TestWatchFollowsLiveChanges(t *testing.T) {
 	js, dests, decs := setup(t)
 	rec := &recorder{}
-	r := watch(t, js, rec.onChange)
+	r := openView(t, js, rec.onChange)
 	if len(r.Destinations()) != 0 {
 		t.Fatalf("empty buckets gave %v", ids(r.Destinations()))
 	}
@@ -245,27 +274,31 @@ func TestWatchFollowsLiveChanges(t *testing.T) {
 		t.Errorf("State without decision = %v, want HEALTHY", s)
 	}
 
-	// onChange saw every change, in the order it was made.
+	// The subscriber saw every change, in the order it was made.
 	wantDest := []string{"d1:t1", "d2:t1", "d2:t2", "d1:del"}
-	if got := rec.summary(DestinationChanged); !slices.Equal(got, wantDest) {
-		t.Errorf("destination changes = %v, want %v", got, wantDest)
-	}
 	wantDec := []string{"d2:STATE_PAUSED", "d2:STATE_RECOVERING", "d2:del"}
-	if got := rec.summary(DecisionChanged); !slices.Equal(got, wantDec) {
-		t.Errorf("decision changes = %v, want %v", got, wantDec)
-	}
+	check("subscriber", func() error {
+		if got := rec.summary(DestinationChanged); !slices.Equal(got, wantDest) {
+			return fmt.Errorf("destination changes = %v, want %v", got, wantDest)
+		}
+		if got := rec.summary(DecisionChanged); !slices.Equal(got, wantDec) {
+			return fmt.Errorf("decision changes = %v, want %v", got, wantDec)
+		}
+		return nil
+	})
 }
 
 func TestWatchIgnoresUndecodableValues(t *testing.T) {
 	js, dests, _ := setup(t)
 	rec := &recorder{}
-	r := watch(t, js, rec.onChange)
+	r := openView(t, js, rec.onChange)
 	if _, err := dests.Put(context.Background(), "bad", []byte("{not json")); err != nil {
 		t.Fatal(err)
 	}
 	putDest(t, dests, "good", "t1")
+	// The subscriber sees changes after the view: wait for both.
 	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
-		if r.Destination("good") == nil {
+		if r.Destination("good") == nil || len(rec.summary(DestinationChanged)) == 0 {
 			return errors.New("good not seen")
 		}
 		return nil
@@ -282,7 +315,7 @@ func TestWatchNeedsBuckets(t *testing.T) {
 	_, js := natstest.Connect(t, natstest.RunJetStream(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := Watch(ctx, js, slog.New(slog.DiscardHandler), nil); !errors.Is(err, jetstream.ErrBucketNotFound) {
+	if _, err := Open(ctx, js, slog.New(slog.DiscardHandler)); !errors.Is(err, jetstream.ErrBucketNotFound) {
 		t.Fatalf("Watch without buckets: %v, want ErrBucketNotFound", err)
 	}
 }
@@ -408,5 +441,47 @@ func TestPutDecision(t *testing.T) {
 	bad := &eventv1.Decision{DestinationId: "a.b", State: eventv1.State_STATE_PAUSED}
 	if _, err := PutDecision(ctx, kv, bad, 0); !errors.Is(err, subject.ErrInvalidID) {
 		t.Errorf("invalid id: %v, want ErrInvalidID", err)
+	}
+}
+
+// TestWatchThatEndsIsStartedAgain deletes and re-creates the quarantine
+// bucket under a running registry, which ends nats.go's watch for good. The
+// registry must watch again and resynchronise: a decision written after the
+// re-creation is seen, and one that vanished with the old bucket is gone.
+func TestWatchThatEndsIsStartedAgain(t *testing.T) {
+	js, _, decs := setup(t)
+	putDecision(t, decs, "old", eventv1.State_STATE_QUARANTINED)
+	r := openView(t, js, nil)
+	if r.State("old") != eventv1.State_STATE_QUARANTINED {
+		t.Fatal("initial decision not loaded")
+	}
+	if age := r.ViewAge(DecisionChanged); age > freshnessInterval {
+		t.Fatalf("view age %v right after loading", age)
+	}
+	ctx := context.Background()
+	if err := js.DeleteKeyValue(ctx, subject.BucketQuarantine); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+		// Written until seen: the first puts may land before the new watch.
+		putDecision(t, fresh, "new", eventv1.State_STATE_PAUSED)
+		if r.State("new") != eventv1.State_STATE_PAUSED {
+			return errors.New("decision in the re-created bucket not seen")
+		}
+		if r.Decision("old") != nil {
+			return errors.New("decision of the deleted bucket still in the view")
+		}
+		return nil
+	})
+	r.checkFresh(ctx)
+	if age := r.ViewAge(DecisionChanged); age > time.Second {
+		t.Fatalf("view age %v after the watch caught up", age)
 	}
 }

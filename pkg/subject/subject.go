@@ -23,6 +23,10 @@ const (
 	BucketDestinations = "destinations"
 	BucketQuarantine   = "quarantine"
 	BucketLeases       = "leases"
+
+	// LeaseMonitor is the key in BucketLeases whose holder makes the
+	// monitor's decisions.
+	LeaseMonitor = "monitor"
 )
 
 // Wildcards that streams and consumers bind to.
@@ -83,6 +87,10 @@ func IDFrom(subj string) (string, error) {
 	}
 	return "", fmt.Errorf("subject %q: %w", subj, ErrInvalidID)
 }
+
+// LeaseReplay is the key in BucketLeases whose holder replays dest's parked
+// backlog.
+func LeaseReplay(dest string) (string, error) { return build("replay-", dest) }
 
 // DeliverConsumer is the durable consumer of a destination's batches on
 // DELIVERY, shared by every deliverer replica: deliver-<dest>.

@@ -372,7 +372,7 @@ func TestSendReusesConnections(t *testing.T) {
 	var conns atomic.Int32
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// A body the client must drain before the connection can be reused.
-		w.Write(bytes.Repeat([]byte("x"), 16<<10))
+		_, _ = w.Write(bytes.Repeat([]byte("x"), 16<<10))
 	}))
 	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
 		if s == http.StateNew {

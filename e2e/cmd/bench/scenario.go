@@ -306,7 +306,7 @@ func writeScenario(log *slog.Logger, c *common, outDir, name string, rec *report
 		return err
 	}
 	log.Info("report written", "dir", outDir, "name", name)
-	os.Stdout.Write(md.Bytes())
+	_, _ = os.Stdout.Write(md.Bytes())
 	fmt.Println(line)
 	return nil
 }

@@ -185,7 +185,7 @@ func runThroughput(ctx context.Context, log *slog.Logger, args []string) error {
 	if err := writeJSON(filepath.Join(dir, *name+".json"), out); err != nil {
 		return err
 	}
-	os.Stdout.Write(md.Bytes())
+	_, _ = os.Stdout.Write(md.Bytes())
 	fmt.Println(line)
 	return nil
 }

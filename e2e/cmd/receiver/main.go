@@ -36,6 +36,9 @@ func main() {
 			return
 		}
 		items, err := webhook.DecodeBody(data)
+		if err != nil {
+			fmt.Printf("%s %s undecodable body: %v\n", time.Now().Format(time.TimeOnly), r.URL.Path, err)
+		}
 		sig := "not checked"
 		if keys != nil {
 			sig = "valid"

@@ -178,7 +178,7 @@ func WriteJSON(path string, r Result) error {
 // handling of failing destinations, and the notes.
 func WriteMarkdown(w io.Writer, r Result) error {
 	b := bufio.NewWriter(w)
-	p := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
+	p := func(format string, a ...any) { _, _ = fmt.Fprintf(b, format, a...) }
 
 	p("# %s\n\n", cell(r.Title))
 	if !r.Started.IsZero() {

@@ -96,7 +96,7 @@ func Start(opts Options) (*Stack, error) {
 	}
 	log := opts.Log
 	if log == nil {
-		var w io.Writer = io.Discard
+		w := io.Writer(io.Discard)
 		if os.Getenv("BULKHEAD_TEST_LOG") != "" {
 			w = os.Stderr
 		}

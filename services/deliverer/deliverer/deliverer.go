@@ -135,17 +135,21 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		ConnectTimeout: c.ConnectTimeout, TLSHandshakeTimeout: c.ConnectTimeout,
 	})
 	defer client.CloseIdleConnections()
-	d, err := deliver.New(js, client, c.Deliver, log, reg)
+	dests, err := registry.Open(ctx, js, log)
 	if err != nil {
 		return err
 	}
-	dests, err := registry.Watch(ctx, js, log, d.OnChange)
+	defer dests.Stop()
+	if err := dests.RegisterMetrics(reg); err != nil {
+		return err
+	}
+	d, err := deliver.New(js, dests, client, c.Deliver, log, reg)
 	if err != nil {
 		return err
 	}
 
 	// Components.
-	comps := []service.Component{{Name: "deliver", Run: func(ctx context.Context) error { return d.Run(ctx, dests) }}}
+	comps := []service.Component{{Name: "deliver", Run: d.Run}}
 	if metrics != nil {
 		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
 		log.Info("deliverer metrics", "addr", metrics.Addr().String())

@@ -154,11 +154,15 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	reg := obs.NewRegistry()
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
 	defer client.CloseIdleConnections()
-	eng, err := engine.New(ctx, js, client, c.Engine, log, reg)
+	view, err := registry.Open(ctx, js, log)
 	if err != nil {
 		return err
 	}
-	view, err := registry.Watch(ctx, js, log, eng.OnChange)
+	defer view.Stop()
+	if err := view.RegisterMetrics(reg); err != nil {
+		return err
+	}
+	eng, err := engine.New(ctx, js, view, client, c.Engine, log, reg)
 	if err != nil {
 		return err
 	}
@@ -177,7 +181,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 
 	comps := []service.Component{
 		service.GRPC(gs, lis.Admin, c.ShutdownTimeout),
-		{Name: "engine", Run: func(ctx context.Context) error { return eng.Run(ctx, view) }},
+		{Name: "engine", Run: eng.Run},
 	}
 	if lis.Metrics != nil {
 		comps = append(comps, service.Metrics(obs.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))

@@ -11,12 +11,11 @@ import (
 	"net"
 	"time"
 
-	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
 	"github.com/bulkhead-io/bulkhead/services/router/internal/fanout"
-	"github.com/bulkhead-io/bulkhead/services/router/internal/recovery"
+	"github.com/bulkhead-io/bulkhead/services/router/internal/replay"
 )
 
 // EnvPrefix prefixes the environment variables of this service.
@@ -25,8 +24,8 @@ const EnvPrefix = "BULKHEAD_ROUTER"
 // Config is the router's configuration.
 type Config struct {
 	service.Base
-	Fanout   fanout.Config
-	Recovery recovery.Config
+	Fanout fanout.Config
+	Replay replay.Config
 }
 
 // Flags registers the configuration's flags on fs and returns it with defaults.
@@ -37,11 +36,11 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.DurationVar(&c.Fanout.AckWait, "ack-wait", 30*time.Second, "redelivery timeout of an unacknowledged batch")
 	fs.IntVar(&c.Fanout.MaxAckPending, "max-ack-pending", 4096, "batches in flight across all router replicas")
 	fs.DurationVar(&c.Fanout.PublishTimeout, "publish-timeout", 10*time.Second, "bound on storing a batch's outputs")
-	fs.Float64Var(&c.Recovery.Rate, "replay-rate", 50, "starting replay rate, batches per second")
-	fs.Float64Var(&c.Recovery.MaxRate, "replay-max-rate", 2000, "replay rate ceiling, batches per second")
-	fs.DurationVar(&c.Recovery.RampEvery, "replay-ramp", time.Second, "the replay rate doubles at this interval")
-	fs.Float64Var(&c.Recovery.TotalRate, "replay-total-rate", 1000, "cap on all replays of this replica together, batches per second")
-	fs.StringVar(&c.Recovery.Holder, "replica-id", service.ReplicaID(), "this replica's name in replay leases")
+	fs.Float64Var(&c.Replay.Rate, "replay-rate", 50, "starting replay rate, batches per second")
+	fs.Float64Var(&c.Replay.MaxRate, "replay-max-rate", 2000, "replay rate ceiling, batches per second")
+	fs.DurationVar(&c.Replay.RampEvery, "replay-ramp", time.Second, "the replay rate doubles at this interval")
+	fs.Float64Var(&c.Replay.TotalRate, "replay-total-rate", 1000, "cap on all replays of this replica together, batches per second")
+	fs.StringVar(&c.Replay.Holder, "replica-id", service.ReplicaID(), "this replica's name in replay leases")
 	return c
 }
 
@@ -64,11 +63,11 @@ func (c *Config) Validate() error {
 		return errors.New("max-ack-pending must be at least workers")
 	case c.Fanout.PublishTimeout <= 0 || c.Fanout.PublishTimeout >= c.Fanout.AckWait:
 		return errors.New("publish-timeout: want positive and below ack-wait")
-	case c.Recovery.Rate <= 0 || c.Recovery.MaxRate < c.Recovery.Rate:
+	case c.Replay.Rate <= 0 || c.Replay.MaxRate < c.Replay.Rate:
 		return errors.New("replay-rate must be positive and at most replay-max-rate")
-	case c.Recovery.TotalRate < c.Recovery.Rate:
+	case c.Replay.TotalRate < c.Replay.Rate:
 		return errors.New("replay-total-rate must be at least replay-rate")
-	case c.Recovery.Holder == "":
+	case c.Replay.Holder == "":
 		return errors.New("replica-id is required")
 	}
 	return nil
@@ -86,7 +85,7 @@ func Main(ctx context.Context, c *Config, log *slog.Logger) error {
 // Run runs the router until ctx ends, then finishes the batches in flight and
 // drains NATS. metrics may be nil.
 func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener) error {
-	log.Info("starting router", "config", c.Base, "workers", c.Fanout.Workers, "replica", c.Recovery.Holder)
+	log.Info("starting router", "config", c.Base, "workers", c.Fanout.Workers, "replica", c.Replay.Holder)
 
 	// Dependencies.
 	nc, js, err := c.Base.Connect(ctx, log)
@@ -95,15 +94,17 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
 	reg := obs.NewRegistry()
-	rec, err := recovery.New(ctx, js, c.Recovery, log, reg)
+	// The view outlives ctx until Run returns: batches still being routed
+	// during shutdown need a current view too.
+	dests, err := registry.Open(ctx, js, log)
 	if err != nil {
 		return err
 	}
-	// The view outlives ctx until Run returns: batches still being routed
-	// during shutdown need a current view too.
-	viewCtx, stopView := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopView()
-	dests, err := registry.Watch(viewCtx, js, log, rec.OnChange)
+	defer dests.Stop()
+	if err := dests.RegisterMetrics(reg); err != nil {
+		return err
+	}
+	rep, err := replay.New(ctx, js, dests, c.Replay, log, reg)
 	if err != nil {
 		return err
 	}
@@ -115,18 +116,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	// Components.
 	comps := []service.Component{
 		{Name: "fanout", Run: fo.Run},
-		{Name: "recovery", Run: func(ctx context.Context) error {
-			var recovering []string
-			for _, d := range dests.Destinations() {
-				if dests.State(d.GetId()) == eventv1.State_STATE_RECOVERING {
-					recovering = append(recovering, d.GetId())
-				}
-			}
-			rec.Start(ctx, dests.State, recovering)
-			<-ctx.Done()
-			rec.Wait()
-			return nil
-		}},
+		{Name: "replay", Run: rep.Run},
 	}
 	if metrics != nil {
 		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
@@ -58,21 +59,19 @@ type Deliverer struct {
 	log     *slog.Logger
 	metrics *metrics
 	sched   *schedule.Scheduler[*job]
-	reg     *registry.Registry
+	view    *registry.Registry
 	// retrying counts workers busy with a retry (see RetryShare).
 	retrying atomic.Int64
+	// group owns every goroutine and retry timer of the deliverer: workers,
+	// lanes, parking, the keep-alive and lag loops.
+	group lifecycle.Group
 
-	mu     sync.Mutex
-	lanes  map[string]*lane
-	ctx    context.Context // the run context; nil until Run
-	closed bool            // set when Run winds down; no lane starts after it
-	wg     sync.WaitGroup  // lane pull loops and parking goroutines; Add only under mu
-	// early holds registry changes seen before Run started.
-	early []registry.Change
+	mu    sync.Mutex
+	lanes map[string]*lane
 }
 
-// New returns a deliverer; call OnChange from the registry watch and Run.
-func New(js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Deliverer, error) {
+// New returns a deliverer serving the destinations of view; call Run.
+func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Deliverer, error) {
 	if err := cfg.Retry.Validate(); err != nil {
 		return nil, err
 	}
@@ -90,26 +89,14 @@ func New(js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.L
 	if err != nil {
 		return nil, err
 	}
-	return &Deliverer{js: js, cfg: cfg, client: client, log: log, metrics: m, sched: sched, lanes: map[string]*lane{}}, nil
+	return &Deliverer{js: js, cfg: cfg, client: client, log: log, metrics: m, sched: sched, view: view, lanes: map[string]*lane{}}, nil
 }
 
-// OnChange is the registry callback: it creates, updates, holds, releases and
-// removes lanes as destinations and decisions change.
-func (d *Deliverer) OnChange(c registry.Change) {
+// apply handles one registry change: it creates, updates, holds, releases
+// and removes lanes. Only Run calls it.
+func (d *Deliverer) apply(ctx context.Context, c registry.Change) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.closed {
-		return
-	}
-	if d.ctx == nil {
-		d.early = append(d.early, c)
-		return
-	}
-	d.apply(c)
-}
-
-// apply handles one change. d.mu must be held.
-func (d *Deliverer) apply(c registry.Change) {
 	l := d.lanes[c.ID]
 	switch c.Kind {
 	case registry.DestinationChanged:
@@ -119,27 +106,16 @@ func (d *Deliverer) apply(c registry.Change) {
 			}
 			return
 		}
-		if l == nil {
-			l = newLane(d, c.Destination)
-			d.lanes[c.ID] = l
-			l.setDecision(d.reg.Decision(c.ID))
-			d.wg.Add(1)
-			go func() {
-				defer d.wg.Done()
-				l.run(d.ctx)
-				// A lane that stopped for shutdown stays listed, so Run can
-				// hand its messages back.
-				if l.isDeleted() {
-					d.mu.Lock()
-					if d.lanes[l.id] == l {
-						delete(d.lanes, l.id)
-					}
-					d.mu.Unlock()
-				}
-			}()
+		if l != nil {
+			l.setDestination(c.Destination)
 			return
 		}
-		l.setDestination(c.Destination)
+		l = newLane(d, c.Destination)
+		l.setDecision(d.view.Decision(c.ID))
+		if !d.group.Go(func() { d.runLane(ctx, l) }) {
+			return // shutting down
+		}
+		d.lanes[c.ID] = l
 	case registry.DecisionChanged:
 		if l != nil {
 			l.setDecision(c.Decision)
@@ -147,38 +123,47 @@ func (d *Deliverer) apply(c registry.Change) {
 	}
 }
 
+// runLane runs a lane until it ends; a lane that ended because its
+// destination was deleted leaves the list, one that stopped for shutdown
+// stays so Run can hand its messages back.
+func (d *Deliverer) runLane(ctx context.Context, l *lane) {
+	l.run(ctx)
+	if l.isDeleted() {
+		d.mu.Lock()
+		if d.lanes[l.id] == l {
+			delete(d.lanes, l.id)
+		}
+		d.mu.Unlock()
+	}
+}
+
 // Run delivers until ctx ends. At shutdown it stops pulling, lets in-flight
 // POSTs finish (each is bounded by its destination's timeout), and hands
 // every message it still holds back to JetStream for another replica.
-func (d *Deliverer) Run(ctx context.Context, reg *registry.Registry) error {
-	d.mu.Lock()
-	d.ctx, d.reg = ctx, reg
-	for _, dest := range reg.Destinations() {
-		d.apply(registry.Change{Kind: registry.DestinationChanged, ID: dest.GetId(), Destination: dest})
-	}
-	// Changes seen during the initial load are already in reg; later ones
-	// arrive through OnChange.
-	d.early = nil
-	d.mu.Unlock()
-
-	var workers sync.WaitGroup
+func (d *Deliverer) Run(ctx context.Context) error {
+	// The subscription starts with every destination and decision, then
+	// carries each change; this loop is the only one that applies them.
+	sub := d.view.Subscribe()
+	defer sub.Close()
 	for range d.cfg.Workers {
-		workers.Add(1)
-		go func() {
-			defer workers.Done()
-			d.work()
-		}()
+		d.group.Go(d.work)
 	}
-	go d.keepAlive(ctx)
-	go d.watchLag(ctx)
-
-	<-ctx.Done()
-	d.mu.Lock()
-	d.closed = true
-	d.mu.Unlock()
+	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.AckWait/3, d.keepAlive) })
+	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.LagInterval, d.watchLag) })
+	for ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-sub.Ready():
+			for _, c := range sub.Take() {
+				d.apply(ctx, c)
+			}
+		}
+	}
+	// Workers return once the scheduler is closed; lanes return with ctx.
+	// Closing the group cancels retry timers: their messages are still
+	// owned and handed back below.
 	d.sched.Close()
-	workers.Wait()
-	d.wg.Wait()
+	d.group.Stop()
 	for _, l := range d.snapshot() {
 		l.handBack()
 	}
@@ -198,58 +183,42 @@ func (d *Deliverer) snapshot() []*lane {
 
 // keepAlive sends progress acks for every message a lane holds (queued,
 // in flight or waiting to retry), so JetStream never redelivers a message
-// this replica still owns: a redelivery would mean a second, concurrent POST.
-func (d *Deliverer) keepAlive(ctx context.Context) {
-	t := time.NewTicker(d.cfg.AckWait / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			for _, l := range d.snapshot() {
-				l.touch()
-			}
-		}
+// this replica still owns: a redelivery would mean a second, concurrent
+// POST. It is the body of a loop every AckWait/3.
+func (d *Deliverer) keepAlive(context.Context) {
+	for _, l := range d.snapshot() {
+		l.touch()
 	}
 }
 
-// watchLag refreshes each lane's gauges and checks it is not starving.
+// watchLag refreshes each lane's gauges and checks it is not starving. It
+// is the body of a loop every LagInterval.
 func (d *Deliverer) watchLag(ctx context.Context) {
-	t := time.NewTicker(d.cfg.LagInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			var delivery jetstream.Stream // read once per round, when needed
-			var oldestMax time.Duration
-			for _, l := range d.snapshot() {
-				if cons := l.consumer(); cons != nil {
-					ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
-					if info, err := cons.Info(ictx); err == nil {
-						d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
-						d.checkStarving(l, info)
-						age := d.oldestUndelivered(ictx, l, info, &delivery)
-						oldestMax = max(oldestMax, age)
-						if age > 0 {
-							d.metrics.oldest.WithLabelValues(l.id).Set(age.Seconds())
-						} else {
-							d.metrics.oldest.DeleteLabelValues(l.id)
-						}
-					}
-					cancel()
-				}
-				if st, ok := d.sched.Stats(l.id); ok {
-					d.metrics.inflight.WithLabelValues(l.id).Set(float64(st.InFlight))
-					d.metrics.capacity.WithLabelValues(l.id).Set(float64(st.Cap))
-					d.metrics.queued.WithLabelValues(l.id).Set(float64(st.Queued))
+	var delivery jetstream.Stream // read once per round, when needed
+	var oldestMax time.Duration
+	for _, l := range d.snapshot() {
+		if cons := l.consumer(); cons != nil {
+			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			if info, err := cons.Info(ictx); err == nil {
+				d.metrics.pending.WithLabelValues(l.id).Set(float64(info.NumPending))
+				d.checkStarving(l, info)
+				age := d.oldestUndelivered(ictx, l, info, &delivery)
+				oldestMax = max(oldestMax, age)
+				if age > 0 {
+					d.metrics.oldest.WithLabelValues(l.id).Set(age.Seconds())
+				} else {
+					d.metrics.oldest.DeleteLabelValues(l.id)
 				}
 			}
-			d.metrics.oldestMax.Set(oldestMax.Seconds())
+			cancel()
+		}
+		if st, ok := d.sched.Stats(l.id); ok {
+			d.metrics.inflight.WithLabelValues(l.id).Set(float64(st.InFlight))
+			d.metrics.capacity.WithLabelValues(l.id).Set(float64(st.Cap))
+			d.metrics.queued.WithLabelValues(l.id).Set(float64(st.Queued))
 		}
 	}
+	d.metrics.oldestMax.Set(oldestMax.Seconds())
 }
 
 // starvingChecks is how many lag checks in a row must find a lane starving

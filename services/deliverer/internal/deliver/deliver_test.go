@@ -23,6 +23,7 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
@@ -75,21 +76,21 @@ func startOn(t *testing.T, cfg Config, js jetstream.JetStream, limits stream.Lim
 	}
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
 	log := testLogger()
-	d, err := New(js, client, cfg, log, prometheus.NewRegistry())
+	view, err := registry.Open(ctx, js, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, err := registry.Watch(ctx, js, log, d.OnChange)
+	d, err := New(js, view, client, cfg, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx, reg) }()
+	h := lifecycle.Start(ctx, d.Run)
 	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := h.Stop(); err != nil {
 			t.Errorf("run: %v", err)
 		}
+		cancel()
+		view.Stop()
 		client.CloseIdleConnections()
 	})
 	e := &env{t: t, js: js}
@@ -448,8 +449,10 @@ func TestRetryBudget(t *testing.T) {
 	cfg := testConfig()
 	cfg.Workers, cfg.RetryShare = 4, 0.5
 	d := &Deliverer{cfg: cfg}
-	if !d.takeRetrySlot() || !d.takeRetrySlot() {
-		t.Fatal("the first two retries should get a slot")
+	for i := range 2 {
+		if !d.takeRetrySlot() {
+			t.Fatalf("retry %d of 2 got no slot", i+1)
+		}
 	}
 	if d.takeRetrySlot() {
 		t.Fatal("a third concurrent retry exceeded a 50% share of 4 workers")

@@ -14,6 +14,7 @@ import (
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
@@ -127,14 +128,14 @@ func (l *lane) update() {
 	l.mu.Unlock()
 	if now != "" && was == "" {
 		jobs := l.d.sched.Drain(l.id)
+		// Refused only at shutdown: the jobs' messages are still owned, and
+		// handBack returns them.
 		if len(jobs) > 0 {
-			l.d.wg.Add(1)
-			go func() {
-				defer l.d.wg.Done()
+			l.d.group.Go(func() {
 				for _, j := range jobs {
 					l.park(j, now)
 				}
-			}()
+			})
 		}
 	}
 	select {
@@ -186,7 +187,7 @@ func (l *lane) run(ctx context.Context) {
 			attempt = 0 // asked for: start again at once
 		default:
 			l.d.log.Warn("pull subscription ended; starting another", "destination", l.id, "reason", why.String())
-			if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+			if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
 				return
 			}
 		}
@@ -531,7 +532,7 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 			return true
 		}
 		l.d.log.Error("create consumer", "destination", l.id, "err", err)
-		if !sleep(ctx, min(time.Second<<min(attempt, 5), 30*time.Second)) {
+		if !lifecycle.Sleep(ctx, min(time.Second<<min(attempt, 5), 30*time.Second)) {
 			return false
 		}
 	}
@@ -580,16 +581,4 @@ func reasonClass(reason string) string {
 
 func describe(attempts int, err error) string {
 	return fmt.Sprintf("retries exhausted after %d attempts: %v", attempts, err)
-}
-
-// sleep waits for d and reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

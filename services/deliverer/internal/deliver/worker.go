@@ -38,7 +38,7 @@ func (d *Deliverer) work() {
 			// workers; this retry waits a little without holding one.
 			d.metrics.retriesDeferred.Inc()
 			d.sched.Done(t, schedule.Neutral)
-			time.AfterFunc(retryDeferral, func() { d.requeue(j) })
+			d.group.AfterFunc(retryDeferral, func() { d.requeue(j) })
 			continue
 		}
 		d.sched.Done(t, d.attempt(j))
@@ -117,7 +117,7 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 		return schedule.Failure
 	}
 	d.metrics.retries.WithLabelValues(l.id).Inc()
-	time.AfterFunc(delay, func() { d.requeue(j) })
+	d.group.AfterFunc(delay, func() { d.requeue(j) }) // cancelled at shutdown: handBack returns j
 	return schedule.Failure
 }
 
@@ -131,7 +131,7 @@ func (d *Deliverer) requeue(j *job) {
 	}
 	err := d.sched.Push(l.id, l.tenant, j, max(j.batch.Impressions, 1))
 	if err == schedule.ErrLaneFull {
-		time.AfterFunc(50*time.Millisecond, func() { d.requeue(j) })
+		d.group.AfterFunc(50*time.Millisecond, func() { d.requeue(j) })
 	}
 	// ErrClosed: shutting down; handBack returns the messages.
 }

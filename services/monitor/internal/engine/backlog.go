@@ -14,27 +14,18 @@ import (
 // pull heartbeats, 4 s), well below the point where customers notice.
 const DefaultStallAfter = 30 * time.Second
 
-// watchBacklog reads every destination's DELIVERY backlog on each replica,
-// so each one's admin API and metrics report stalls. It returns when ctx
-// ends.
+// watchBacklog reads every destination's DELIVERY backlog and feeds the
+// stall tracker. It runs on each replica, so each one's admin API and
+// metrics report stalls; it is the body of a loop every BacklogInterval.
 func (e *Engine) watchBacklog(ctx context.Context) {
-	t := time.NewTicker(e.cfg.BacklogInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		rctx, cancel := context.WithTimeout(ctx, e.cfg.BacklogInterval)
-		backlog, err := e.readBacklog(rctx)
-		cancel()
-		if err != nil {
-			e.log.Warn("read DELIVERY backlog", "err", err)
-			continue
-		}
-		e.checkStalls(time.Now(), backlog)
+	rctx, cancel := context.WithTimeout(ctx, e.cfg.BacklogInterval)
+	backlog, err := e.readBacklog(rctx)
+	cancel()
+	if err != nil {
+		e.log.Warn("read DELIVERY backlog", "err", err)
+		return
 	}
+	e.checkStalls(time.Now(), backlog)
 }
 
 // readBacklog returns the batches waiting in DELIVERY per destination.

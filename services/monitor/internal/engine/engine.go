@@ -25,8 +25,10 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/subject"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
@@ -65,14 +67,12 @@ type Engine struct {
 	windows map[string]*health.Window
 	stalls  *stall.Tracker
 
-	mu          sync.Mutex
-	machine     *health.Machine // non-nil only while this replica leads
-	stopLeading context.CancelFunc
-	leaders     sync.WaitGroup
+	mu      sync.Mutex
+	machine *health.Machine // non-nil only while this replica leads
 }
 
-// New returns an engine; set its registry with Run.
-func New(ctx context.Context, js jetstream.JetStream, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
+// New returns an engine judging the destinations of view; call Run.
+func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
 	if err := cfg.Policy.Validate(); err != nil {
 		return nil, err
 	}
@@ -98,18 +98,23 @@ func New(ctx context.Context, js jetstream.JetStream, client *webhook.Client, cf
 	if err != nil {
 		return nil, err
 	}
-	return &Engine{js: js, kv: kv, leases: leases, client: client, cfg: cfg, log: log, metrics: m,
+	return &Engine{js: js, kv: kv, leases: leases, client: client, cfg: cfg, log: log, metrics: m, reg: view,
 		windows: map[string]*health.Window{}, stalls: stalls}, nil
 }
 
-// OnChange is the registry callback. On the leader, decisions stored by
+// onChange applies one registry change. Every replica forgets the
+// statistics of a deleted destination; on the leader, decisions stored by
 // someone else (an operator through the admin API, a previous leader) are
-// loaded into the machine; its own come back with a revision it already has
-// and are ignored.
-func (e *Engine) OnChange(c registry.Change) {
-	e.mu.Lock()
-	m := e.machine
-	e.mu.Unlock()
+// loaded into the machine, and its own come back with a revision it already
+// has and are ignored.
+func (e *Engine) onChange(c registry.Change) {
+	if c.Kind == registry.DestinationChanged && c.Deleted {
+		e.statsMu.Lock()
+		delete(e.windows, c.ID)
+		e.stalls.Forget(c.ID)
+		e.statsMu.Unlock()
+	}
+	m := e.leading()
 	if m == nil {
 		return
 	}
@@ -125,45 +130,59 @@ func (e *Engine) OnChange(c registry.Change) {
 	}
 }
 
-// Run runs the engine until ctx ends.
-func (e *Engine) Run(ctx context.Context, reg *registry.Registry) error {
-	e.reg = reg
-	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() {
-		defer wg.Done()
-		e.consumeOutcomes(ctx)
+// Run runs the engine until ctx ends: every replica keeps statistics and
+// watches the backlog; the one holding the lease leads. This loop owns the
+// leader's loop, starting it when the lease is gained and stopping it (and
+// waiting for it) when the lease is lost, so two leader loops never overlap
+// within one replica.
+func (e *Engine) Run(ctx context.Context) error {
+	var g lifecycle.Group
+	defer g.Stop()
+	g.Go(func() { e.consumeOutcomes(ctx) })
+	g.Go(func() { lifecycle.Every(ctx, e.cfg.BacklogInterval, e.watchBacklog) })
+
+	sub := e.reg.Subscribe()
+	defer sub.Close()
+	elector := lease.Elect(ctx, e.leases, subject.LeaseMonitor, e.cfg.Holder, leaseRenew, e.log)
+	defer elector.Stop()
+	var leader *lifecycle.Handle
+	defer func() {
+		if leader != nil {
+			_ = leader.Stop()
+		}
 	}()
-	go func() {
-		defer wg.Done()
-		e.watchBacklog(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		lease.Run(ctx, e.leases, "monitor", e.cfg.Holder, leaseRenew, e.log, func(held bool) {
-			if held {
-				e.lead(ctx)
-			} else {
-				e.follow()
+	for {
+		select {
+		case <-sub.Ready():
+			for _, c := range sub.Take() {
+				e.onChange(c)
 			}
-		})
-	}()
-	wg.Wait()
-	e.follow()
-	e.leaders.Wait()
-	return nil
+		case held, ok := <-elector.Changes():
+			switch {
+			case held && ok && leader == nil:
+				leader = lifecycle.Start(ctx, e.lead)
+			case (!held || !ok) && leader != nil:
+				_ = leader.Stop()
+				leader = nil
+			}
+			if !ok {
+				return nil // the elector stopped: ctx ended
+			}
+		}
+	}
 }
 
 // leaseRenew is the lease renewal interval: a third of the leases bucket TTL.
 const leaseRenew = 2 * time.Second
 
-// lead builds a machine from the stored decisions and starts the leader's
-// loop. Windows start empty: the machine judges only what it sees itself.
-func (e *Engine) lead(ctx context.Context) {
+// lead runs the leader's loop until ctx ends (the lease is lost or the
+// engine stops). It builds a machine from the stored decisions; windows
+// start empty: the machine judges only what it sees itself.
+func (e *Engine) lead(ctx context.Context) error {
 	m, err := health.New(e.cfg.Policy, rand.Float64)
 	if err != nil {
 		e.log.Error("health machine", "err", err)
-		return
+		return err
 	}
 	for _, d := range e.reg.Destinations() {
 		m.SetDomain(d.GetId(), Domain(d.GetUrl()))
@@ -173,28 +192,18 @@ func (e *Engine) lead(ctx context.Context) {
 			}
 		}
 	}
-	lctx, cancel := context.WithCancel(ctx)
 	e.mu.Lock()
 	e.machine = m
-	e.stopLeading = cancel
 	e.mu.Unlock()
 	e.metrics.leader.Set(1)
-	e.leaders.Add(1)
-	go func() {
-		defer e.leaders.Done()
-		e.tick(lctx, m)
+	defer func() {
+		e.mu.Lock()
+		e.machine = nil
+		e.mu.Unlock()
+		e.metrics.leader.Set(0)
 	}()
-}
-
-func (e *Engine) follow() {
-	e.mu.Lock()
-	if e.stopLeading != nil {
-		e.stopLeading()
-		e.stopLeading = nil
-	}
-	e.machine = nil
-	e.mu.Unlock()
-	e.metrics.leader.Set(0)
+	e.tick(ctx, m)
+	return nil
 }
 
 // leading returns the machine when this replica leads.
@@ -206,7 +215,7 @@ func (e *Engine) leading() *health.Machine {
 
 // consumeOutcomes reads every outcome (each replica has its own ordered
 // consumer, so every replica keeps statistics for the admin API) and, on the
-// leader, feeds the machine.
+// leader, feeds the machine. A consumer that ends is created again.
 func (e *Engine) consumeOutcomes(ctx context.Context) {
 	for ctx.Err() == nil {
 		cons, err := e.js.OrderedConsumer(ctx, subject.StreamOutcomes, jetstream.OrderedConsumerConfig{
@@ -215,21 +224,22 @@ func (e *Engine) consumeOutcomes(ctx context.Context) {
 		})
 		if err != nil {
 			e.log.Warn("outcomes consumer", "err", err)
-			sleep(ctx, time.Second)
+			lifecycle.Sleep(ctx, time.Second)
 			continue
 		}
-		it, err := cons.Messages()
+		it, err := cons.Messages(jetstream.PullExpiry(stream.PullExpiry), jetstream.PullHeartbeat(stream.PullHeartbeat))
 		if err != nil {
 			e.log.Warn("outcomes", "err", err)
-			sleep(ctx, time.Second)
+			lifecycle.Sleep(ctx, time.Second)
 			continue
 		}
-		go func() {
-			<-ctx.Done()
-			it.Stop()
-		}()
+		// Stops the iterator when ctx ends; no goroutine per consumer.
+		unhook := context.AfterFunc(ctx, it.Stop)
 		for {
 			msg, err := it.Next()
+			if errors.Is(err, jetstream.ErrNoHeartbeat) {
+				continue // nats.go pulls again
+			}
 			if err != nil {
 				break
 			}
@@ -239,6 +249,8 @@ func (e *Engine) consumeOutcomes(ctx context.Context) {
 			}
 			e.observe(ctx, &o)
 		}
+		it.Stop()
+		unhook()
 	}
 }
 
@@ -508,11 +520,4 @@ func boolLabel(ok bool) string {
 		return "ok"
 	}
 	return "failed"
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	select {
-	case <-ctx.Done():
-	case <-time.After(d):
-	}
 }

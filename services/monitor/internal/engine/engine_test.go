@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
@@ -69,21 +71,24 @@ func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []con
 		log := slog.New(slog.DiscardHandler)
 		cfg := Config{Policy: p, Holder: fmt.Sprintf("m%d", i)}
 		configure(&cfg)
-		e, err := New(ctx, js, client, cfg, log, prometheus.NewRegistry())
+		view, err := registry.Open(ctx, js, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := New(ctx, js, view, client, cfg, log, prometheus.NewRegistry())
 		if err != nil {
 			t.Fatal(err)
 		}
 		engines = append(engines, e)
-		reg, err := registry.Watch(ctx, js, log, e.OnChange)
-		if err != nil {
-			t.Fatal(err)
+		h := lifecycle.Start(ctx, e.Run)
+		var once sync.Once
+		stop := func() {
+			once.Do(func() {
+				_ = h.Stop()
+				cancel()
+				view.Stop()
+			})
 		}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			_ = e.Run(ctx, reg)
-		}()
-		stop := func() { cancel(); <-done }
 		t.Cleanup(stop)
 		cancels = append(cancels, stop)
 	}

@@ -71,10 +71,11 @@ func startWith(t *testing.T, limits stream.Limits, dests []*adminv1.Destination,
 		}
 	}
 	log := slog.New(slog.DiscardHandler)
-	reg, err := registry.Watch(ctx, js, log, nil)
+	reg, err := registry.Open(ctx, js, log)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(reg.Stop) // after the router has stopped (cleanups run last first)
 	r, err := New(js, reg, Config{Workers: 2, AckWait: 30 * time.Second, MaxAckPending: 100, PublishTimeout: 10 * time.Second}, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)

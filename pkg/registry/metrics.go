@@ -1,0 +1,24 @@
+package registry
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+// RegisterMetrics exports each view's age (see ViewAge) on reg as
+// bulkhead_registry_view_age_seconds{bucket}: an alarm when it grows past a
+// few freshness intervals, since a stale view enforces old decisions.
+func (r *Registry) RegisterMetrics(reg prometheus.Registerer) error {
+	for kind, bucket := range map[Kind]string{DestinationChanged: subject.BucketDestinations, DecisionChanged: subject.BucketQuarantine} {
+		g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "bulkhead_registry_view_age_seconds",
+			Help:        "How long ago this process's view of a KV bucket was last known to hold everything in it.",
+			ConstLabels: prometheus.Labels{"bucket": bucket},
+		}, func() float64 { return r.ViewAge(kind).Seconds() })
+		if err := reg.Register(g); err != nil {
+			return err
+		}
+	}
+	return nil
+}

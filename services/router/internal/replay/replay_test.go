@@ -1,0 +1,154 @@
+package replay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/subject"
+)
+
+func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
+
+type fixture struct {
+	js    jetstream.JetStream
+	dests jetstream.KeyValue
+	decs  jetstream.KeyValue
+}
+
+// start runs one replayer against a fresh JetStream.
+func start(t *testing.T) *fixture {
+	t.Helper()
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{js: js}
+	var err error
+	if f.dests, err = js.KeyValue(ctx, subject.BucketDestinations); err != nil {
+		t.Fatal(err)
+	}
+	if f.decs, err = js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	view, err := registry.Open(ctx, js, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(view.Stop)
+	r, err := New(ctx, js, view, Config{Rate: 100, MaxRate: 1000, RampEvery: time.Second, TotalRate: 1000, Holder: "r0"}, log, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := lifecycle.Start(context.Background(), r.Run)
+	t.Cleanup(func() { _ = h.Stop() })
+	return f
+}
+
+func (f *fixture) destination(t *testing.T, id string) {
+	t.Helper()
+	b, _ := registry.Encode(&adminv1.Destination{Id: id, TenantId: "t1", Url: "https://example.com/" + id, Enabled: true})
+	if _, err := f.dests.Put(context.Background(), id, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fixture) park(t *testing.T, dest string, n int) {
+	t.Helper()
+	for i := range n {
+		b := &eventv1.Batch{BatchId: fmt.Sprintf("%s-b%d", dest, i), TenantId: "t1", DestinationId: dest,
+			Impressions: []*ingestv1.Impression{{Key: "k", Split: "s", Treatment: "on", Time: 1}}}
+		if err := parked.Park(context.Background(), f.js, b, "quarantined", 1, b.BatchId); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (f *fixture) decide(t *testing.T, dest string, s eventv1.State, rev uint64) {
+	t.Helper()
+	b, _ := registry.Encode(&eventv1.Decision{DestinationId: dest, TenantId: "t1", State: s, Revision: rev})
+	if _, err := f.decs.Put(context.Background(), dest, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fixture) inDelivery(t *testing.T, dest string) uint64 {
+	t.Helper()
+	subj, _ := subject.Deliver(dest)
+	st, err := f.js.Stream(context.Background(), subject.StreamDelivery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(subj))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Subjects[subj]
+}
+
+// TestRecoveringDestinationIsReplayed parks batches, then decides
+// RECOVERING: the replayer moves them all to DELIVERY and releases the
+// replay lease.
+func TestRecoveringDestinationIsReplayed(t *testing.T) {
+	f := start(t)
+	f.destination(t, "d")
+	f.park(t, "d", 5)
+	f.decide(t, "d", eventv1.State_STATE_RECOVERING, 1)
+	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		n, _, err := parked.Stats(context.Background(), f.js, "d")
+		if err != nil {
+			return err
+		}
+		if got := f.inDelivery(t, "d"); n != 0 || got != 5 {
+			return fmt.Errorf("parked %d, in DELIVERY %d; want 0 and 5", n, got)
+		}
+		return nil
+	})
+	leases, _ := f.js.KeyValue(context.Background(), subject.BucketLeases)
+	key, _ := subject.LeaseReplay("d")
+	natstest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		if _, err := leases.Get(context.Background(), key); err == nil {
+			return fmt.Errorf("replay lease %s still held after the replay", key)
+		}
+		return nil
+	})
+}
+
+// TestDeletedDestinationIsNotReplayed: a destination deleted while
+// RECOVERING keeps its parked data (it stays exportable) instead of
+// moving it into DELIVERY, where no lane would ever take it.
+func TestDeletedDestinationIsNotReplayed(t *testing.T) {
+	f := start(t)
+	f.destination(t, "gone")
+	f.park(t, "gone", 3)
+	f.decide(t, "gone", eventv1.State_STATE_RECOVERING, 1)
+	if err := f.dests.Delete(context.Background(), "gone"); err != nil {
+		t.Fatal(err)
+	}
+	// Past the grace period and a replay's first batches.
+	time.Sleep(parked.ReplayGrace + time.Second)
+	n, _, err := parked.Stats(context.Background(), f.js, "gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.inDelivery(t, "gone"); n != 3 || got != 0 {
+		t.Fatalf("parked %d, in DELIVERY %d; want 3 and 0", n, got)
+	}
+}
