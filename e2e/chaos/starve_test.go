@@ -21,7 +21,8 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
@@ -78,7 +79,7 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 		r := stack.NewReceiver()
 		t.Cleanup(r.Close)
 		id := fmt.Sprintf("d%d", len(dests))
-		natstest.CheckFor(t, 60*time.Second, 500*time.Millisecond, func() error {
+		poll.CheckFor(t, 60*time.Second, 500*time.Millisecond, func() error {
 			ctx, cancel := context.WithTimeout(op, 5*time.Second)
 			defer cancel()
 			_, err := adm.CreateDestination(ctx, &adminv1.CreateDestinationRequest{Destination: &adminv1.Destination{
@@ -144,13 +145,13 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 	resumes := func(fault string) {
 		t.Helper()
 		var marker string
-		natstest.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
+		poll.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
 			k, err := submit("marker")
 			marker = k
 			return err
 		})
 		start := time.Now()
-		natstest.CheckFor(t, resumeWithin, 100*time.Millisecond, func() error {
+		poll.CheckFor(t, resumeWithin, 100*time.Millisecond, func() error {
 			var missing []string
 			for i, r := range receivers {
 				if r.Snapshot().Keys[marker] == 0 {
@@ -172,9 +173,9 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 	resumes("start")
 
 	for _, id := range dests {
-		name, _ := subject.DeliverConsumer(id)
+		name, _ := topology.DeliverConsumer(id)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := natstest.StepDownConsumer(ctx, nc, subject.StreamDelivery, name); err != nil {
+		if err := natstest.StepDownConsumer(ctx, nc, topology.StreamDelivery, name); err != nil {
 			t.Logf("step down %s: %v", name, err)
 		}
 		cancel()
@@ -182,7 +183,7 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 	resumes("every delivery consumer's leader stepped down")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	leader, err := c.LeaderOf(ctx, js, subject.StreamDelivery, "")
+	leader, err := c.LeaderOf(ctx, js, topology.StreamDelivery, "")
 	cancel()
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +206,7 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 
 	// Nothing lost: every accepted key reached every destination that
 	// existed when it was accepted.
-	natstest.CheckFor(t, 2*time.Minute, 500*time.Millisecond, func() error {
+	poll.CheckFor(t, 2*time.Minute, 500*time.Millisecond, func() error {
 		mu.Lock()
 		defer mu.Unlock()
 		for i, r := range receivers {
@@ -232,16 +233,16 @@ func backlog(js jetstream.JetStream, dests []string) map[string]uint64 {
 	out := map[string]uint64{}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	st, err := js.Stream(ctx, subject.StreamDelivery)
+	st, err := js.Stream(ctx, topology.StreamDelivery)
 	if err != nil {
 		return out
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subject.AllDeliver))
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(topology.AllDeliver))
 	if err != nil {
 		return out
 	}
 	for _, id := range dests {
-		subj, _ := subject.Deliver(id)
+		subj, _ := topology.Deliver(id)
 		if n := info.State.Subjects[subj]; n > 0 {
 			out[id] = n
 		}

@@ -28,7 +28,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
 	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
 	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
@@ -133,7 +133,7 @@ func startCluster(t *testing.T, log *violationLog) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_, err := js.AccountInfo(ctx)
@@ -234,7 +234,7 @@ func startServices(t *testing.T, urls string) *services {
 	// All four start at once, as on a first deploy: concurrent stream.Ensure
 	// calls on a fresh cluster must not stall each other.
 	adm := adminv1.NewAdminServiceClient(dial(t, admLis.Addr().String()))
-	natstest.CheckFor(t, 90*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 90*time.Second, 100*time.Millisecond, func() error {
 		_, err := adm.ListDestinations(stack.WithToken(context.Background(), stack.AdminToken), &adminv1.ListDestinationsRequest{})
 		return err
 	})
@@ -312,7 +312,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 		for i := range n {
 			req.Impressions = append(req.Impressions, &ingestv1.Impression{Key: fmt.Sprintf("%s-%d", prefix, i), Split: "s", Treatment: "on", Time: 1})
 		}
-		natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 			_, err := ing.Submit(tenant, req)
 			return err
 		})
@@ -336,8 +336,8 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	// Route and deliver; "gone" answers 410, so the deliverer disables it and
 	// parks its batch. The monitor sees the outcomes.
 	submit("a", 20)
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, received(ok, 20))
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, received(ok, 20))
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		d, err := adm.GetDestination(op, &adminv1.GetDestinationRequest{Id: "gone"})
 		if err != nil {
 			return err
@@ -347,7 +347,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 		}
 		return nil
 	})
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		if health("ok").GetWindowAttempts() == 0 {
 			return errors.New("monitor has seen no outcome")
 		}
@@ -360,7 +360,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond) // routers enforce a decision within a second
 	submit("b", 10)
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		if health("ok").GetParked() == 0 {
 			return errors.New("nothing parked for the paused destination")
 		}
@@ -369,7 +369,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	if _, err := adm.ResumeDestination(op, &adminv1.ResumeDestinationRequest{Id: "ok", Reason: "deploy test"}); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, received(ok, 30))
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, received(ok, 30))
 
 	// Export, purge and delete through the monitor; the deliverer then
 	// deletes the destination's consumer.
@@ -395,7 +395,7 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		if _, err := js.Consumer(ctx, "DELIVERY", "deliver-gone"); !errors.Is(err, jetstream.ErrConsumerNotFound) {

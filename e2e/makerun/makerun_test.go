@@ -21,7 +21,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/e2e/internal/stack"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func freeAddr(t *testing.T) string {
@@ -99,7 +99,7 @@ func TestMakeRunServesAndDelivers(t *testing.T) {
 	})
 
 	// Building may take a while on a cold cache.
-	natstest.CheckFor(t, 5*time.Minute, 200*time.Millisecond, func() error {
+	poll.CheckFor(t, 5*time.Minute, 200*time.Millisecond, func() error {
 		if !logged(`"bulkhead is up"`) {
 			return fmt.Errorf("not up yet")
 		}
@@ -132,7 +132,7 @@ func TestMakeRunServesAndDelivers(t *testing.T) {
 		{Key: "user-1", Split: "new_checkout", Treatment: "on", Time: 1700000000000}}}); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, time.Minute, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, time.Minute, 100*time.Millisecond, func() error {
 		if r.Snapshot().Keys["user-1"] == 0 {
 			return fmt.Errorf("not delivered yet")
 		}

@@ -20,7 +20,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
@@ -189,7 +189,7 @@ func TestAcceptedIsDeliveredOrParked(t *testing.T) {
 	submitAll(t, ing, []string{"t1", "t2", "t3"}, n)
 
 	// The flaky destination recovers after a while and must then get everything.
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		if r := flaky.Snapshot().Requests; r < 3 {
 			return fmt.Errorf("flaky destination saw %d requests", r)
 		}
@@ -208,7 +208,7 @@ func TestAcceptedIsDeliveredOrParked(t *testing.T) {
 		{"d-gzip", gzipped, wantKeys("t3", n, nil)},
 	}
 	for _, c := range checks {
-		natstest.CheckFor(t, 120*time.Second, 200*time.Millisecond, func() error { return exactly(c.r, c.want) })
+		poll.CheckFor(t, 120*time.Second, 200*time.Millisecond, func() error { return exactly(c.r, c.want) })
 		snap := c.r.Snapshot()
 		if snap.BadSignatures > 0 || snap.BadBodies > 0 {
 			t.Errorf("%s: %d bad signatures, %d bad bodies", c.name, snap.BadSignatures, snap.BadBodies)
@@ -232,7 +232,7 @@ func TestAcceptedIsDeliveredOrParked(t *testing.T) {
 	// Everything for the 400 destination is parked, with the reason.
 	want := wantKeys("t3", n, nil)
 	var reasons []string
-	natstest.CheckFor(t, 120*time.Second, 500*time.Millisecond, func() error {
+	poll.CheckFor(t, 120*time.Second, 500*time.Millisecond, func() error {
 		var got map[string]bool
 		got, reasons = parkedKeys(t, adm, "d-400")
 		if len(got) != len(want) {
@@ -273,7 +273,7 @@ func TestRetriedSubmitIsStoredOnce(t *testing.T) {
 	if _, err := ing.Submit(ctx, marker); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		if r.Snapshot().Keys["k3"] == 0 {
 			return fmt.Errorf("marker not delivered yet")
 		}

@@ -30,8 +30,9 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
@@ -131,7 +132,7 @@ type seen struct {
 func watchDecisions(t *testing.T, js jetstream.JetStream) *decisions {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	kv, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	kv, err := js.KeyValue(ctx, topology.BucketQuarantine)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +192,7 @@ func (ds *decisions) after(t0 time.Time) int {
 func firstFailures(t *testing.T, nc *nats.Conn) func(dest string) (time.Time, bool) {
 	var mu sync.Mutex
 	first := map[string]time.Time{}
-	sub, err := nc.Subscribe(subject.AllOutcomes, func(m *nats.Msg) {
+	sub, err := nc.Subscribe(topology.AllOutcomes, func(m *nats.Msg) {
 		var o eventv1.Outcome
 		if proto.Unmarshal(m.Data, &o) != nil || o.GetErrorClass() == eventv1.ErrorClass_ERROR_CLASS_UNSPECIFIED || o.GetProbe() {
 			return
@@ -336,7 +337,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 
 	// The hanging and the refusing destinations are quarantined.
 	for _, i := range []int{hang, refused, unavailable} {
-		natstest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 			if _, ok := ds.first(dests[i], eventv1.State_STATE_QUARANTINED); !ok {
 				return fmt.Errorf("%s (%v) not quarantined", dests[i], fl.Behavior(i))
 			}
@@ -357,7 +358,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 	}
 
 	// Fail over: stop the monitor holding the lease; the other takes over.
-	leases, err := js.KeyValue(context.Background(), subject.BucketLeases)
+	leases, err := js.KeyValue(context.Background(), topology.BucketLeases)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,7 +371,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 		t.Fatalf("stop %s: %v", active, err)
 	}
 	failover := time.Now()
-	natstest.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
 		e, err := leases.Get(context.Background(), "monitor")
 		if err != nil {
 			return err
@@ -394,7 +395,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 
 	// Everything accepted is delivered once the failures heal: parked traffic
 	// is replayed (accepted = delivered ∪ parked, with parked drained).
-	natstest.CheckFor(t, 150*time.Second, 500*time.Millisecond, func() error {
+	poll.CheckFor(t, 150*time.Second, 500*time.Millisecond, func() error {
 		if m := l.missing(); len(m) > 0 {
 			return fmt.Errorf("%d impressions not delivered yet, e.g. %s", len(m), m[0])
 		}
@@ -433,7 +434,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 		t.Error("no decision after the active monitor stopped")
 	}
 	for _, i := range []int{hang, refused, unavailable} {
-		natstest.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
+		poll.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
 			if _, ok := ds.first(dests[i], eventv1.State_STATE_HEALTHY); !ok {
 				return fmt.Errorf("%s not HEALTHY again: %s", dests[i], ds.history(dests[i]))
 			}
@@ -533,7 +534,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond) // routers enforce within a second
 	submit("a", 50)
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		h, err := adm.GetDestinationHealth(viewer, &adminv1.GetDestinationHealthRequest{Id: "p1"})
 		if err != nil {
 			return err
@@ -546,7 +547,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if got := fl.Stats(0).Impressions; got != 0 {
 		t.Errorf("paused destination received %d impressions", got)
 	}
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		if got := fl.Stats(1).Impressions; got < 50 {
 			return fmt.Errorf("p2 received %d of 50", got)
 		}
@@ -591,7 +592,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if err != nil || r.GetDecision().GetState() != eventv1.State_STATE_RECOVERING {
 		t.Fatalf("resume: %v %v", r, err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
 		if got := fl.Stats(0).Impressions; got < 50 {
 			return fmt.Errorf("p1 received %d of 50 after resume", got)
 		}
@@ -612,7 +613,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond)
 	submit("b", 30)
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		h, err := adm.GetDestinationHealth(viewer, &adminv1.GetDestinationHealthRequest{Id: "p2"})
 		if err != nil {
 			return err
@@ -632,7 +633,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if _, err := adm.ReplayParked(op, &adminv1.ReplayParkedRequest{Id: "p2", Rate: 100}); err != nil {
 		t.Fatalf("replay: %v", err)
 	}
-	natstest.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
+	poll.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
 		if m := l.missing(); len(m) > 0 {
 			return fmt.Errorf("%d not delivered, e.g. %s", len(m), m[0])
 		}
@@ -641,7 +642,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 
 	// Every operator action is in the audit trail.
 	_, js := natstest.Connect(t, s.NATS)
-	st, err := js.Stream(context.Background(), subject.StreamAudit)
+	st, err := js.Stream(context.Background(), topology.StreamAudit)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,12 +14,12 @@ import (
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // Decision records d on imp.audit.quarantine.<dest>.
 func Decision(ctx context.Context, js jetstream.JetStream, d *eventv1.Decision) error {
-	subj, err := subject.AuditQuarantine(d.GetDestinationId())
+	subj, err := topology.AuditQuarantine(d.GetDestinationId())
 	if err != nil {
 		return err
 	}
@@ -33,7 +33,7 @@ func Admin(ctx context.Context, js jetstream.JetStream, r *eventv1.AuditRecord) 
 	if tenant == "" {
 		tenant = "all"
 	}
-	subj, err := subject.AuditAdmin(tenant)
+	subj, err := topology.AuditAdmin(tenant)
 	if err != nil {
 		return err
 	}

@@ -15,7 +15,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -34,7 +34,7 @@ func setup(t *testing.T) (jetstream.JetStream, context.Context) {
 // last decodes the last AUDIT record on subj into m.
 func last(t *testing.T, ctx context.Context, js jetstream.JetStream, subj string, m proto.Message) {
 	t.Helper()
-	s, err := js.Stream(ctx, subject.StreamAudit)
+	s, err := js.Stream(ctx, topology.StreamAudit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func last(t *testing.T, ctx context.Context, js jetstream.JetStream, subj string
 
 func count(t *testing.T, ctx context.Context, js jetstream.JetStream) uint64 {
 	t.Helper()
-	s, err := js.Stream(ctx, subject.StreamAudit)
+	s, err := js.Stream(ctx, topology.StreamAudit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestDecision(t *testing.T) {
 		t.Errorf("audited %v, want %v", &got, d)
 	}
 
-	if err := Decision(ctx, js, &eventv1.Decision{DestinationId: "d1.>"}); !errors.Is(err, subject.ErrInvalidID) {
+	if err := Decision(ctx, js, &eventv1.Decision{DestinationId: "d1.>"}); !errors.Is(err, topology.ErrInvalidID) {
 		t.Errorf("invalid destination: %v, want ErrInvalidID", err)
 	}
 	if n := count(t, ctx, js); n != 1 {
@@ -117,7 +117,7 @@ func TestAdmin(t *testing.T) {
 
 	t.Run("invalid tenant", func(t *testing.T) {
 		js, ctx := setup(t)
-		if err := Admin(ctx, js, &eventv1.AuditRecord{TenantId: "t 1"}); !errors.Is(err, subject.ErrInvalidID) {
+		if err := Admin(ctx, js, &eventv1.AuditRecord{TenantId: "t 1"}); !errors.Is(err, topology.ErrInvalidID) {
 			t.Errorf("Admin = %v, want ErrInvalidID", err)
 		}
 		if n := count(t, ctx, js); n != 0 {

@@ -11,8 +11,9 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -46,7 +47,7 @@ func TestOneHolderAndFailover(t *testing.T) {
 	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := js.KeyValue(ctx, subject.BucketLeases)
+	kv, err := js.KeyValue(ctx, topology.BucketLeases)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +70,7 @@ func TestOneHolderAndFailover(t *testing.T) {
 		wg.Wait()
 	})
 	var first string
-	natstest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
 		cur := h.current()
 		if len(cur) != 1 {
 			return fmt.Errorf("holders = %v, want exactly one", cur)
@@ -83,7 +84,7 @@ func TestOneHolderAndFailover(t *testing.T) {
 		t.Fatalf("holders changed without failure: %v (was %s)", cur, first)
 	}
 	cancels[first]()
-	natstest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
 		cur := h.current()
 		if len(cur) != 1 || cur[0] == first {
 			return fmt.Errorf("holders = %v after %s stopped", cur, first)

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -69,7 +70,7 @@ func TestConnect(t *testing.T) {
 	// A NATS outage is waited out, not fatal: the connection stays open
 	// (reconnecting) and the disconnect is logged.
 	s.Shutdown()
-	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		if !strings.Contains(logs.String(), "nats disconnected") {
 			return errors.New("disconnect not logged")
 		}

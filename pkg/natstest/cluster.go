@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 // Cluster is an in-process JetStream cluster whose nodes keep their ports
@@ -128,7 +130,7 @@ func (c *Cluster) WaitReady() {
 	if err != nil {
 		c.t.Fatalf("jetstream: %v", err)
 	}
-	CheckFor(c.t, 60*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(c.t, 60*time.Second, 100*time.Millisecond, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_, err := js.AccountInfo(ctx)

@@ -52,20 +52,3 @@ func Connect(t testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
 	}
 	return nc, js
 }
-
-// CheckFor calls fn every step until it returns nil, failing the test with
-// fn's last error when total elapses first. Use it instead of sleeps.
-func CheckFor(t testing.TB, total, step time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.Now().Add(total)
-	var err error
-	for {
-		if err = fn(); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met in %v: %v", total, err)
-		}
-		time.Sleep(step)
-	}
-}

@@ -18,7 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // Park stores b in PARKED for its destination with the reason. msgID makes a
@@ -41,7 +41,7 @@ func Park(ctx context.Context, js jetstream.JetStream, b *eventv1.Batch, reason 
 // carries up to a thousand impressions, and a quarantined destination's whole
 // traffic comes through here.
 func NewMsg(b *eventv1.Batch, reason string, attempts int32, msgID string) (*nats.Msg, error) {
-	subj, err := subject.Parked(b.GetDestinationId())
+	subj, err := topology.Parked(b.GetDestinationId())
 	if err != nil {
 		return nil, err
 	}
@@ -95,15 +95,15 @@ func Each(ctx context.Context, js jetstream.JetStream, dest string, r Range, upT
 // parkedStream looks PARKED up: one request, so callers that go on to read or
 // delete many messages do it once.
 func parkedStream(ctx context.Context, js jetstream.JetStream) (jetstream.Stream, error) {
-	s, err := js.Stream(ctx, subject.StreamParked)
+	s, err := js.Stream(ctx, topology.StreamParked)
 	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", subject.StreamParked, err)
+		return nil, fmt.Errorf("stream %s: %w", topology.StreamParked, err)
 	}
 	return s, nil
 }
 
 func each(ctx context.Context, s jetstream.Stream, dest string, r Range, upTo uint64, fn func(Msg) error) error {
-	subj, err := subject.Parked(dest)
+	subj, err := topology.Parked(dest)
 	if err != nil {
 		return err
 	}
@@ -138,7 +138,7 @@ func each(ctx context.Context, s jetstream.Stream, dest string, r Range, upTo ui
 
 // Stats returns how many batches of dest are parked and when the oldest was stored.
 func Stats(ctx context.Context, js jetstream.JetStream, dest string) (int64, time.Time, error) {
-	subj, err := subject.Parked(dest)
+	subj, err := topology.Parked(dest)
 	if err != nil {
 		return 0, time.Time{}, err
 	}
@@ -248,7 +248,7 @@ type ReplayOptions struct {
 // message id, which DELIVERY de-duplicates. It returns batches and
 // impressions moved.
 func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOptions) (int64, int64, error) {
-	deliverSubj, err := subject.Deliver(dest)
+	deliverSubj, err := topology.Deliver(dest)
 	if err != nil {
 		return 0, 0, err
 	}

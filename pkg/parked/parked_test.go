@@ -18,7 +18,7 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -99,14 +99,14 @@ func TestParkStoresReasonAndDedupes(t *testing.T) {
 	if got.GetParkReason() != "HTTP 400" || got.GetAttempts() != 4 || got.GetParkedAt() == nil || len(got.GetImpressions()) != 3 {
 		t.Errorf("parked batch = %v", got)
 	}
-	if err := Park(ctx, js, batch("a.b", "b2", 1), "x", 0, "id2"); !errors.Is(err, subject.ErrInvalidID) {
+	if err := Park(ctx, js, batch("a.b", "b2", 1), "x", 0, "id2"); !errors.Is(err, topology.ErrInvalidID) {
 		t.Errorf("Park with invalid destination: %v, want ErrInvalidID", err)
 	}
 }
 
 func TestEachOldestFirstWithRangeAndBound(t *testing.T) {
 	js, ctx := setup(t)
-	// Interleave two destinations so Each must filter by subject.
+	// Interleave two destinations so Each must filter by topology.
 	var want []string
 	for i := range 5 {
 		want = append(want, park(t, ctx, js, "d1", "a"+strconv.Itoa(i)+"-", 1)...)
@@ -164,7 +164,7 @@ func TestEachOldestFirstWithRangeAndBound(t *testing.T) {
 		}
 	})
 	t.Run("invalid id", func(t *testing.T) {
-		if err := Each(ctx, js, "d1.>", Range{}, 0, func(Msg) error { return nil }); !errors.Is(err, subject.ErrInvalidID) {
+		if err := Each(ctx, js, "d1.>", Range{}, 0, func(Msg) error { return nil }); !errors.Is(err, topology.ErrInvalidID) {
 			t.Errorf("Each = %v, want ErrInvalidID", err)
 		}
 	})
@@ -241,8 +241,8 @@ func TestPurge(t *testing.T) {
 // delivered returns the messages stored on imp.deliver.<dest>, in order.
 func delivered(t *testing.T, ctx context.Context, js jetstream.JetStream, dest string) []*jetstream.RawStreamMsg {
 	t.Helper()
-	subj, _ := subject.Deliver(dest)
-	s, err := js.Stream(ctx, subject.StreamDelivery)
+	subj, _ := topology.Deliver(dest)
+	s, err := js.Stream(ctx, topology.StreamDelivery)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,8 +9,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // A batch accepted after a destination was stored must see it: AwaitCurrent
@@ -64,7 +64,7 @@ func TestAwaitCurrentSeesEveryEarlierWrite(t *testing.T) {
 // timeout: what a watch that lags (or missed a removed message) looks like.
 func lagging(t *testing.T, js jetstream.JetStream, applied uint64, timeout time.Duration) *Registry {
 	t.Helper()
-	s, err := js.Stream(context.Background(), "KV_"+subject.BucketDestinations)
+	s, err := js.Stream(context.Background(), "KV_"+topology.BucketDestinations)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,11 +100,11 @@ func TestAwaitCurrentAcceptsARemovedLastMessage(t *testing.T) {
 	putDest(t, dests, "d1", "t1")
 	putDest(t, dests, "d2", "t1")
 	ctx := context.Background()
-	s, err := js.Stream(ctx, "KV_"+subject.BucketDestinations)
+	s, err := js.Stream(ctx, "KV_"+topology.BucketDestinations)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Purge(ctx, jetstream.WithPurgeSubject("$KV."+subject.BucketDestinations+".d2")); err != nil {
+	if err := s.Purge(ctx, jetstream.WithPurgeSubject("$KV."+topology.BucketDestinations+".d2")); err != nil {
 		t.Fatal(err)
 	}
 	if info, err := s.Info(ctx); err != nil || info.State.LastSeq != 2 || info.State.Msgs != 1 {
@@ -156,7 +156,7 @@ func TestAwaitCurrentHonoursContext(t *testing.T) {
 	}
 	// The abandoned check ends by its own timeout; wait for it before
 	// goleak looks.
-	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
 		r.cur.mu.Lock()
 		defer r.cur.mu.Unlock()
 		if r.cur.check != nil {

@@ -3,14 +3,14 @@ package registry
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // RegisterMetrics exports each view's age (see ViewAge) on reg as
 // bulkhead_registry_view_age_seconds{bucket}: an alarm when it grows past a
 // few freshness intervals, since a stale view enforces old decisions.
 func (r *Registry) RegisterMetrics(reg prometheus.Registerer) error {
-	for kind, bucket := range map[Kind]string{DestinationChanged: subject.BucketDestinations, DecisionChanged: subject.BucketQuarantine} {
+	for kind, bucket := range map[Kind]string{DestinationChanged: topology.BucketDestinations, DecisionChanged: topology.BucketQuarantine} {
 		g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name:        "bulkhead_registry_view_age_seconds",
 			Help:        "How long ago this process's view of a KV bucket was last known to hold everything in it.",

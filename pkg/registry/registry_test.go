@@ -19,8 +19,9 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -34,11 +35,11 @@ func setup(t *testing.T) (jetstream.JetStream, jetstream.KeyValue, jetstream.Key
 	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
 		t.Fatal(err)
 	}
-	dests, err := js.KeyValue(ctx, subject.BucketDestinations)
+	dests, err := js.KeyValue(ctx, topology.BucketDestinations)
 	if err != nil {
 		t.Fatal(err)
 	}
-	decs, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	decs, err := js.KeyValue(ctx, topology.BucketQuarantine)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +185,7 @@ func TestWatchLoadsCurrentValues(t *testing.T) {
 	// A subscription starts with the view as it is (delivered by the
 	// feeding goroutine, so wait for it).
 	wantDest := []string{"d1:t1", "d2:t1", "d3:t2"}
-	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
 		if got := rec.summary(DestinationChanged); !slices.Equal(got, wantDest) {
 			return fmt.Errorf("initial destination changes = %v, want %v", got, wantDest)
 		}
@@ -205,7 +206,7 @@ func TestWatchFollowsLiveChanges(t *testing.T) {
 
 	check := func(what string, fn func() error) {
 		t.Helper()
-		natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
 			if err := fn(); err != nil {
 				return fmt.Errorf("%s: %w", what, err)
 			}
@@ -297,7 +298,7 @@ func TestWatchIgnoresUndecodableValues(t *testing.T) {
 	}
 	putDest(t, dests, "good", "t1")
 	// The subscriber sees changes after the view: wait for both.
-	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
 		if r.Destination("good") == nil || len(rec.summary(DestinationChanged)) == 0 {
 			return errors.New("good not seen")
 		}
@@ -439,7 +440,7 @@ func TestPutDecision(t *testing.T) {
 		t.Errorf("stored state = %v, want PROBING (conflicting writes must not land)", got)
 	}
 	bad := &eventv1.Decision{DestinationId: "a.b", State: eventv1.State_STATE_PAUSED}
-	if _, err := PutDecision(ctx, kv, bad, 0); !errors.Is(err, subject.ErrInvalidID) {
+	if _, err := PutDecision(ctx, kv, bad, 0); !errors.Is(err, topology.ErrInvalidID) {
 		t.Errorf("invalid id: %v, want ErrInvalidID", err)
 	}
 }
@@ -459,17 +460,17 @@ func TestWatchThatEndsIsStartedAgain(t *testing.T) {
 		t.Fatalf("view age %v right after loading", age)
 	}
 	ctx := context.Background()
-	if err := js.DeleteKeyValue(ctx, subject.BucketQuarantine); err != nil {
+	if err := js.DeleteKeyValue(ctx, topology.BucketQuarantine); err != nil {
 		t.Fatal(err)
 	}
 	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
 		t.Fatal(err)
 	}
-	fresh, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	fresh, err := js.KeyValue(ctx, topology.BucketQuarantine)
 	if err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		// Written until seen: the first puts may land before the new watch.
 		putDecision(t, fresh, "new", eventv1.State_STATE_PAUSED)
 		if r.State("new") != eventv1.State_STATE_PAUSED {

@@ -7,7 +7,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // Held reports whether traffic for a destination must be parked instead of
@@ -27,7 +27,7 @@ var ErrConflict = errors.New("decision changed concurrently")
 // PutDecision stores d under its destination id if the key's KV revision is
 // still lastRev (0: the key must not exist). It returns the new KV revision.
 func PutDecision(ctx context.Context, kv jetstream.KeyValue, d *eventv1.Decision, lastRev uint64) (uint64, error) {
-	if err := subject.CheckID(d.GetDestinationId()); err != nil {
+	if err := topology.CheckID(d.GetDestinationId()); err != nil {
 		return 0, err
 	}
 	b, err := Encode(d)

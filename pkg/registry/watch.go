@@ -11,7 +11,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // freshnessInterval is how often each view is compared with its bucket for
@@ -36,9 +36,9 @@ type watch struct {
 }
 
 func newWatch(ctx context.Context, js jetstream.JetStream, kind Kind) (*watch, error) {
-	bucket := subject.BucketDestinations
+	bucket := topology.BucketDestinations
 	if kind == DecisionChanged {
-		bucket = subject.BucketQuarantine
+		bucket = topology.BucketQuarantine
 	}
 	kv, err := js.KeyValue(ctx, bucket)
 	if err != nil {

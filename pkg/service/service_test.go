@@ -25,7 +25,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -320,14 +320,14 @@ func TestConnectEnsuresStreams(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer Drain(nc, 5*time.Second, log)
-	st, err := js.Stream(ctx, subject.StreamImpressions)
+	st, err := js.Stream(ctx, topology.StreamImpressions)
 	if err != nil {
 		t.Fatalf("IMPRESSIONS not created: %v", err)
 	}
 	if got := st.CachedInfo().Config.MaxBytes; got != 1<<20 {
 		t.Errorf("IMPRESSIONS MaxBytes = %d, want the configured 1 MiB", got)
 	}
-	if _, err := js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
+	if _, err := js.KeyValue(ctx, topology.BucketQuarantine); err != nil {
 		t.Errorf("quarantine bucket not created: %v", err)
 	}
 }

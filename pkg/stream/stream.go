@@ -13,7 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // Limits size the streams. Zero values take the defaults of DefaultLimits.
@@ -90,9 +90,9 @@ func Streams(l Limits) []jetstream.StreamConfig {
 	l = l.withDefaults()
 	return []jetstream.StreamConfig{
 		{
-			Name:        subject.StreamImpressions,
+			Name:        topology.StreamImpressions,
 			Description: "accepted impressions, not yet routed",
-			Subjects:    []string{subject.AllIn},
+			Subjects:    []string{topology.AllIn},
 			Retention:   jetstream.WorkQueuePolicy,
 			Discard:     jetstream.DiscardNew,
 			MaxBytes:    l.ImpressionsMaxBytes,
@@ -101,9 +101,9 @@ func Streams(l Limits) []jetstream.StreamConfig {
 			Replicas:    l.Replicas,
 		},
 		{
-			Name:         subject.StreamDelivery,
+			Name:         topology.StreamDelivery,
 			Description:  "routed batches, not yet delivered",
-			Subjects:     []string{subject.AllDeliver},
+			Subjects:     []string{topology.AllDeliver},
 			Retention:    jetstream.WorkQueuePolicy,
 			Discard:      jetstream.DiscardNew,
 			MaxBytes:     l.DeliveryMaxBytes,
@@ -113,9 +113,9 @@ func Streams(l Limits) []jetstream.StreamConfig {
 			Replicas:     l.Replicas,
 		},
 		{
-			Name:        subject.StreamParked,
+			Name:        topology.StreamParked,
 			Description: "quarantined, paused and undeliverable batches; replay and export source",
-			Subjects:    []string{subject.AllParked},
+			Subjects:    []string{topology.AllParked},
 			Retention:   jetstream.LimitsPolicy,
 			Discard:     jetstream.DiscardNew,
 			MaxBytes:    l.ParkedMaxBytes,
@@ -125,9 +125,9 @@ func Streams(l Limits) []jetstream.StreamConfig {
 			Replicas:    l.Replicas,
 		},
 		{
-			Name:        subject.StreamOutcomes,
+			Name:        topology.StreamOutcomes,
 			Description: "every delivery attempt; the health signal",
-			Subjects:    []string{subject.AllOutcomes},
+			Subjects:    []string{topology.AllOutcomes},
 			Retention:   jetstream.LimitsPolicy,
 			// Outcomes are a signal, not data: when full, the oldest go.
 			Discard:  jetstream.DiscardOld,
@@ -137,9 +137,9 @@ func Streams(l Limits) []jetstream.StreamConfig {
 			Replicas: l.Replicas,
 		},
 		{
-			Name:        subject.StreamAudit,
+			Name:        topology.StreamAudit,
 			Description: "decisions and admin actions",
-			Subjects:    []string{subject.AllAudit},
+			Subjects:    []string{topology.AllAudit},
 			Retention:   jetstream.LimitsPolicy,
 			Discard:     jetstream.DiscardNew,
 			MaxBytes:    1 << 30,
@@ -168,9 +168,9 @@ const LeaseTTL = 6 * time.Second
 func Buckets(l Limits) []jetstream.KeyValueConfig {
 	l = l.withDefaults()
 	return []jetstream.KeyValueConfig{
-		{Bucket: subject.BucketDestinations, Description: "destination registry", History: 10, Storage: jetstream.FileStorage, Replicas: l.Replicas},
-		{Bucket: subject.BucketQuarantine, Description: "decisions the routers and deliverers enforce", History: 20, Storage: jetstream.FileStorage, Replicas: l.Replicas},
-		{Bucket: subject.BucketLeases, Description: "leadership leases", History: 1, TTL: LeaseTTL, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: topology.BucketDestinations, Description: "destination registry", History: 10, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: topology.BucketQuarantine, Description: "decisions the routers and deliverers enforce", History: 20, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: topology.BucketLeases, Description: "leadership leases", History: 1, TTL: LeaseTTL, Storage: jetstream.FileStorage, Replicas: l.Replicas},
 	}
 }
 

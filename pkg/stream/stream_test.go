@@ -9,7 +9,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -28,11 +28,11 @@ func TestEnsureIsIdempotent(t *testing.T) {
 		if err != nil {
 			t.Fatalf("stream %s: %v", cfg.Name, err)
 		}
-		if cfg.Name != subject.StreamOutcomes && s.CachedInfo().Config.Discard != jetstream.DiscardNew {
+		if cfg.Name != topology.StreamOutcomes && s.CachedInfo().Config.Discard != jetstream.DiscardNew {
 			t.Errorf("%s: discard = %v, want new", cfg.Name, s.CachedInfo().Config.Discard)
 		}
 	}
-	for _, b := range []string{subject.BucketDestinations, subject.BucketQuarantine, subject.BucketLeases} {
+	for _, b := range []string{topology.BucketDestinations, topology.BucketQuarantine, topology.BucketLeases} {
 		if _, err := js.KeyValue(ctx, b); err != nil {
 			t.Errorf("bucket %s: %v", b, err)
 		}
@@ -60,7 +60,7 @@ func TestFullStreamRefusesAndIsFull(t *testing.T) {
 	if !IsFull(err) {
 		t.Fatalf("IsFull(%v) = false", err)
 	}
-	info, ierr := js.Stream(ctx, subject.StreamImpressions)
+	info, ierr := js.Stream(ctx, topology.StreamImpressions)
 	if ierr != nil {
 		t.Fatal(ierr)
 	}
@@ -89,7 +89,7 @@ func TestConcurrentEnsure(t *testing.T) {
 	if err := Ensure(ctx, js, Limits{ParkedMaxAge: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := js.Stream(ctx, subject.StreamParked)
+	s, err := js.Stream(ctx, topology.StreamParked)
 	if err != nil {
 		t.Fatal(err)
 	}

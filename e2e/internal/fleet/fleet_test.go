@@ -14,7 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func TestMain(m *testing.M) {
@@ -140,7 +140,7 @@ func TestBehaviors(t *testing.T) {
 				t.Errorf("SlowOK answered after %v, want >= 150ms", time.Since(began))
 			}
 			if tc.check != nil {
-				natstest.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error { return tc.check(f.Stats(0)) })
+				poll.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error { return tc.check(f.Stats(0)) })
 			}
 			arr := f.Drain()
 			if !tc.arrives {
@@ -251,7 +251,7 @@ func TestFlappingAlternates(t *testing.T) {
 	}
 	c := client(t, 2*time.Second)
 	seen := map[int]bool{}
-	natstest.CheckFor(t, 3*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 3*time.Second, 20*time.Millisecond, func() error {
 		status, _, err := post(c, f.URL(0), "f", false, "k")
 		if err != nil {
 			return err
@@ -293,7 +293,7 @@ func TestCloseReleasesHang(t *testing.T) {
 		_, _, err := post(c, f.URL(0), "h", false, "k")
 		errc <- err
 	}()
-	natstest.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 10*time.Millisecond, func() error {
 		if f.Stats(0).Hung != 1 {
 			return errors.New("request not hung yet")
 		}

@@ -19,7 +19,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
@@ -88,7 +88,7 @@ func TestHealthyEverythingArrives(t *testing.T) {
 	if err := f.WaitDelivered(ctx, want, 5*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
 		if s := q.Stats(); s.Delivered != want || s.Held != 0 || s.Failures != 0 || s.Submitted != want {
 			return fmt.Errorf("stats %+v, want %d delivered, none held or failed", s, want)
 		}
@@ -198,7 +198,7 @@ func TestRetriesAtTailThenExhausts(t *testing.T) {
 	if err := q.Submit(f.URL(0), imps("x", 7)); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
 		if s := q.Stats(); s.Exhausted != 7 || s.Held != 0 || s.Attempts != 3 || s.Status != 3 || s.Waiting != 0 {
 			return fmt.Errorf("stats %+v, want 7 exhausted after 3 attempts", s)
 		}
@@ -298,7 +298,7 @@ func healthyLatencies(t *testing.T, failing fleet.Behavior) []time.Duration {
 		}
 		<-tick.C
 	}
-	natstest.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 5*time.Millisecond, func() error {
 		if got := f.Stats(0).Impressions + f.Stats(1).Impressions; got < int64(len(submitted)) {
 			return fmt.Errorf("%d of %d healthy impressions delivered", got, len(submitted))
 		}

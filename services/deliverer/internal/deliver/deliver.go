@@ -19,7 +19,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
@@ -259,7 +259,7 @@ func (d *Deliverer) oldestUndelivered(ctx context.Context, l *lane, info *jetstr
 		return 0
 	}
 	if *delivery == nil {
-		st, err := d.js.Stream(ctx, subject.StreamDelivery)
+		st, err := d.js.Stream(ctx, topology.StreamDelivery)
 		if err != nil {
 			return 0
 		}

@@ -27,9 +27,10 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
@@ -94,10 +95,10 @@ func startOn(t *testing.T, cfg Config, js jetstream.JetStream, limits stream.Lim
 		client.CloseIdleConnections()
 	})
 	e := &env{t: t, js: js}
-	if e.dests, err = js.KeyValue(ctx, subject.BucketDestinations); err != nil {
+	if e.dests, err = js.KeyValue(ctx, topology.BucketDestinations); err != nil {
 		t.Fatal(err)
 	}
-	if e.decs, err = js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
+	if e.decs, err = js.KeyValue(ctx, topology.BucketQuarantine); err != nil {
 		t.Fatal(err)
 	}
 	return e
@@ -115,7 +116,7 @@ func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destin
 		e.t.Fatal(err)
 	}
 	// Retried: on a cluster just restarted the bucket may be electing a leader.
-	natstest.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
+	poll.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_, err := e.dests.Put(ctx, id, b)
@@ -127,7 +128,7 @@ func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destin
 // publish puts n routed batches of 5 impressions on imp.deliver.<dest>.
 func (e *env) publish(dest string, n int) []string {
 	e.t.Helper()
-	subj, _ := subject.Deliver(dest)
+	subj, _ := topology.Deliver(dest)
 	var keys []string
 	for range n {
 		b := &eventv1.Batch{BatchId: fmt.Sprintf("b%d", e.seq.Add(1)), TenantId: "t1", DestinationId: dest}
@@ -157,8 +158,8 @@ func (e *env) decide(dest string, s eventv1.State) {
 
 // inDelivery counts a destination's messages still in DELIVERY.
 func (e *env) inDelivery(dest string) int {
-	subj, _ := subject.Deliver(dest)
-	s, err := e.js.Stream(context.Background(), subject.StreamDelivery)
+	subj, _ := topology.Deliver(dest)
+	s, err := e.js.Stream(context.Background(), topology.StreamDelivery)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -263,7 +264,7 @@ func TestDeliversBatchedSignedAndAcked(t *testing.T) {
 	s.secrets = [][]byte{key}
 	s.mu.Unlock()
 	keys := e.publish("d1", 40)
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		if got := s.received(); got != len(keys) {
 			return fmt.Errorf("received %d of %d", got, len(keys))
 		}
@@ -285,7 +286,7 @@ func TestPermanentFailureIsParkedWithReason(t *testing.T) {
 	s := newSink(t, always(400))
 	e.destination("d1", s.srv.URL, 2*time.Second)
 	keys := e.publish("d1", 3)
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		n, reasons := e.parkedReasons("d1")
 		if n != len(keys) {
 			return fmt.Errorf("%d of %d parked", n, len(keys))
@@ -300,7 +301,7 @@ func TestPermanentFailureIsParkedWithReason(t *testing.T) {
 	if len(s.requests()) > 3 {
 		t.Errorf("a 400 was retried: %d requests", len(s.requests()))
 	}
-	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		if n := e.inDelivery("d1"); n != 0 {
 			return fmt.Errorf("%d left in DELIVERY", n)
 		}
@@ -315,7 +316,7 @@ func TestExhaustedRetriesAreParked(t *testing.T) {
 	s := newSink(t, always(503))
 	e.destination("d1", s.srv.URL, 2*time.Second)
 	keys := e.publish("d1", 1)
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		n, reasons := e.parkedReasons("d1")
 		if n != len(keys) {
 			return fmt.Errorf("%d of %d parked", n, len(keys))
@@ -340,7 +341,7 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 	})
 	e.destination("d1", s.srv.URL, 2*time.Second)
 	e.publish("d1", 1)
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		if s.received() != 5 {
 			return fmt.Errorf("not delivered")
 		}
@@ -357,7 +358,7 @@ func TestGoneDisablesTheDestination(t *testing.T) {
 	s := newSink(t, always(410))
 	e.destination("d1", s.srv.URL, 2*time.Second)
 	e.publish("d1", 1)
-	natstest.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
 		entry, err := e.dests.Get(context.Background(), "d1")
 		if err != nil {
 			return err
@@ -385,7 +386,7 @@ func TestHangingDestinationHoldsFewWorkers(t *testing.T) {
 	e.destination("hang", hang.srv.URL, 10*time.Second)
 	e.destination("ok", ok.srv.URL, 2*time.Second)
 	e.publish("hang", 50)
-	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		if len(hang.requests()) == 0 {
 			return fmt.Errorf("no request to the hanging destination yet")
 		}
@@ -393,7 +394,7 @@ func TestHangingDestinationHoldsFewWorkers(t *testing.T) {
 	})
 	start := time.Now()
 	keys := e.publish("ok", 50)
-	natstest.CheckFor(t, 8*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 8*time.Second, 20*time.Millisecond, func() error {
 		if got := ok.received(); got != len(keys) {
 			return fmt.Errorf("healthy destination got %d of %d while the other hangs", got, len(keys))
 		}
@@ -412,7 +413,7 @@ func TestQuarantineParksWaitingTraffic(t *testing.T) {
 	hang := newSink(t, always(0))
 	e.destination("d1", hang.srv.URL, 3*time.Second)
 	keys := e.publish("d1", 30)
-	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		if len(hang.requests()) == 0 {
 			return fmt.Errorf("no request yet")
 		}
@@ -420,7 +421,7 @@ func TestQuarantineParksWaitingTraffic(t *testing.T) {
 	})
 	e.decide("d1", eventv1.State_STATE_QUARANTINED)
 	more := e.publish("d1", 5) // routed before the router saw the decision
-	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
 		n, _ := e.parkedReasons("d1")
 		if n != len(keys)+len(more) {
 			return fmt.Errorf("%d of %d parked", n, len(keys)+len(more))

@@ -18,7 +18,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
 )
@@ -509,15 +509,15 @@ func (l *lane) isDeleted() bool {
 // ensureConsumer creates the destination's durable consumer, retrying until
 // it exists or ctx ends.
 func (l *lane) ensureConsumer(ctx context.Context) bool {
-	subj, err := subject.Deliver(l.id)
+	subj, err := topology.Deliver(l.id)
 	if err != nil {
 		l.d.log.Error("destination id", "err", err)
 		return false
 	}
-	name, _ := subject.DeliverConsumer(l.id) // valid: Deliver checked the id
+	name, _ := topology.DeliverConsumer(l.id) // valid: Deliver checked the id
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		cons, err := l.d.js.CreateOrUpdateConsumer(cctx, subject.StreamDelivery, jetstream.ConsumerConfig{
+		cons, err := l.d.js.CreateOrUpdateConsumer(cctx, topology.StreamDelivery, jetstream.ConsumerConfig{
 			Durable:       name,
 			Description:   "deliverers of destination " + l.id,
 			FilterSubject: subj,
@@ -560,8 +560,8 @@ func (l *lane) remove(ctx context.Context) {
 	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	name, _ := subject.DeliverConsumer(l.id)
-	if err := l.d.js.DeleteConsumer(dctx, subject.StreamDelivery, name); err != nil {
+	name, _ := topology.DeliverConsumer(l.id)
+	if err := l.d.js.DeleteConsumer(dctx, topology.StreamDelivery, name); err != nil {
 		l.d.log.Warn("delete consumer", "destination", l.id, "err", err)
 	}
 	l.d.log.Info("destination removed", "destination", l.id)

@@ -13,8 +13,9 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // resumeWithin is how soon delivery must resume after each fault. Repairs
@@ -54,7 +55,7 @@ func TestNoLaneStarves(t *testing.T) {
 			sent += len(e.publishRetrying(id, 2))
 		}
 		start := time.Now()
-		natstest.CheckFor(t, resumeWithin, 100*time.Millisecond, func() error {
+		poll.CheckFor(t, resumeWithin, 100*time.Millisecond, func() error {
 			if got := s.received(); got < sent {
 				return fmt.Errorf("after %s: %d of %d impressions delivered; starving: %v", fault, got, sent, e.undelivered(dests))
 			}
@@ -70,9 +71,9 @@ func TestNoLaneStarves(t *testing.T) {
 
 	for round := range 3 {
 		for _, id := range dests {
-			name, _ := subject.DeliverConsumer(id)
+			name, _ := topology.DeliverConsumer(id)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			if err := natstest.StepDownConsumer(ctx, nc, subject.StreamDelivery, name); err != nil {
+			if err := natstest.StepDownConsumer(ctx, nc, topology.StreamDelivery, name); err != nil {
 				t.Logf("round %d: %v", round, err) // no leader at the moment: a fault of its own
 			}
 			cancel()
@@ -94,7 +95,7 @@ func TestNoLaneStarves(t *testing.T) {
 // while the cluster is electing leaders after a fault.
 func (e *env) publishRetrying(dest string, n int) []string {
 	e.t.Helper()
-	subj, _ := subject.Deliver(dest)
+	subj, _ := topology.Deliver(dest)
 	var keys []string
 	for range n {
 		b := &eventv1.Batch{BatchId: fmt.Sprintf("b%d", e.seq.Add(1)), TenantId: "t1", DestinationId: dest}
@@ -104,7 +105,7 @@ func (e *env) publishRetrying(dest string, n int) []string {
 			b.Impressions = append(b.Impressions, &ingestv1.Impression{Key: k, Split: "s", Treatment: "on", Time: 1})
 		}
 		data, _ := proto.Marshal(b)
-		natstest.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
+		poll.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
 			m := nats.NewMsg(subj)
 			m.Data = data
 			m.Header.Set(jetstream.MsgIDHeader, b.BatchId+"."+dest)
@@ -120,16 +121,16 @@ func (e *env) publishRetrying(dest string, n int) []string {
 // undelivered lists the destinations with messages still in DELIVERY.
 func (e *env) undelivered(dests []string) map[string]int {
 	out := map[string]int{}
-	st, err := e.js.Stream(context.Background(), subject.StreamDelivery)
+	st, err := e.js.Stream(context.Background(), topology.StreamDelivery)
 	if err != nil {
 		return out
 	}
-	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(subject.AllDeliver))
+	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(topology.AllDeliver))
 	if err != nil {
 		return out
 	}
 	for _, id := range dests {
-		subj, _ := subject.Deliver(id)
+		subj, _ := topology.Deliver(id)
 		if n := info.State.Subjects[subj]; n > 0 {
 			out[id] = int(n)
 		}
@@ -145,18 +146,18 @@ func TestLaneWhoseConsumerIsDeletedServesAgain(t *testing.T) {
 	s := newSink(t, always(200))
 	e.destination("d1", s.srv.URL, 2*time.Second)
 	first := e.publish("d1", 2)
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		if got := s.received(); got != len(first) {
 			return fmt.Errorf("received %d of %d", got, len(first))
 		}
 		return nil
 	})
-	name, _ := subject.DeliverConsumer("d1")
-	if err := e.js.DeleteConsumer(context.Background(), subject.StreamDelivery, name); err != nil {
+	name, _ := topology.DeliverConsumer("d1")
+	if err := e.js.DeleteConsumer(context.Background(), topology.StreamDelivery, name); err != nil {
 		t.Fatal(err)
 	}
 	more := e.publish("d1", 2)
-	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
 		if got, want := s.received(), len(first)+len(more); got != want {
 			return fmt.Errorf("received %d of %d after the consumer was deleted", got, want)
 		}

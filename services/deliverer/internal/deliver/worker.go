@@ -12,7 +12,7 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
 )
@@ -139,7 +139,7 @@ func (d *Deliverer) requeue(j *job) {
 // outcome publishes the attempt on imp.outcome.<dest> for the health monitor.
 // It does not wait: outcomes are a signal, and delivery must not stall on it.
 func (d *Deliverer) outcome(l *lane, j *job, res webhook.Result, timeout time.Duration) {
-	subj, err := subject.Outcome(l.id)
+	subj, err := topology.Outcome(l.id)
 	if err != nil {
 		return
 	}
@@ -166,7 +166,7 @@ func (d *Deliverer) outcome(l *lane, j *job, res webhook.Result, timeout time.Du
 func (d *Deliverer) disable(dest *adminv1.Destination, reason string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	kv, err := d.js.KeyValue(ctx, subject.BucketDestinations)
+	kv, err := d.js.KeyValue(ctx, topology.BucketDestinations)
 	if err != nil {
 		d.log.Error("disable destination", "destination", dest.GetId(), "err", err)
 		return

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -52,22 +54,6 @@ func assertBlocked(t *testing.T, s *Scheduler[int]) {
 	defer cancel()
 	if tk, err := s.Next(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Next = %+v, %v; want it to block", tk, err)
-	}
-}
-
-// checkFor polls fn until it returns nil or total has passed.
-func checkFor(t *testing.T, total, step time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.Now().Add(total)
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(step)
 	}
 }
 
@@ -457,7 +443,7 @@ func TestCloseWakesWaiters(t *testing.T) {
 			errs <- err
 		}()
 	}
-	checkFor(t, 5*time.Second, time.Millisecond, func() error {
+	poll.CheckFor(t, 5*time.Second, time.Millisecond, func() error {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		if s.waiting != waiters {
@@ -511,7 +497,7 @@ func TestWakeupNotLostToCancelledWaiter(t *testing.T) {
 				}
 			})
 		}
-		checkFor(t, 5*time.Second, 50*time.Microsecond, func() error {
+		poll.CheckFor(t, 5*time.Second, 50*time.Microsecond, func() error {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			if s.waiting != 2 {

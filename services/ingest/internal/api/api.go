@@ -31,7 +31,7 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
 )
 
@@ -133,7 +133,7 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 		}
 	}
 	batchID := newBatchID(tenant, req.GetIdempotencyKey())
-	subj, err := subject.In(tenant)
+	subj, err := topology.In(tenant)
 	if err != nil {
 		return nil, "", status.Error(codes.Internal, "internal error")
 	}
@@ -150,7 +150,7 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 	m.Data = data
 	// JetStream de-duplicates on the message id: a retried batch is stored once.
 	m.Header.Set(jetstream.MsgIDHeader, batchID)
-	m.Header.Set(jetstream.ExpectedStreamHeader, subject.StreamImpressions)
+	m.Header.Set(jetstream.ExpectedStreamHeader, topology.StreamImpressions)
 	return m, batchID, nil
 }
 

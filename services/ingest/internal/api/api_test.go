@@ -26,7 +26,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
 )
@@ -87,8 +87,8 @@ func impressions(n int, props string) []*ingestv1.Impression {
 // stored returns the batches stored on imp.in.<tenant>, in order.
 func (f *fixture) stored(t *testing.T, tenant string) []*eventv1.Batch {
 	t.Helper()
-	subj, _ := subject.In(tenant)
-	s, err := f.js.Stream(context.Background(), subject.StreamImpressions)
+	subj, _ := topology.In(tenant)
+	s, err := f.js.Stream(context.Background(), topology.StreamImpressions)
 	if err != nil {
 		t.Fatal(err)
 	}

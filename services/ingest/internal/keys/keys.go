@@ -8,7 +8,7 @@ import (
 	"strings"
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // ErrUnknownKey is returned by Tenant for a key that belongs to no tenant.
@@ -32,7 +32,7 @@ func Parse(pairs []string) (*Store, error) {
 		if len(key) < 6 {
 			return nil, fmt.Errorf("api key %q: shorter than 6 characters", conf.Mask(key))
 		}
-		if err := subject.CheckID(tenant); err != nil {
+		if err := topology.CheckID(tenant); err != nil {
 			return nil, fmt.Errorf("api key %q: tenant: %w", conf.Mask(key), err)
 		}
 		s.byHash[sha256.Sum256([]byte(key))] = tenant

@@ -25,7 +25,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
@@ -59,11 +59,11 @@ type Server struct {
 
 // New returns the admin server. stats may be nil.
 func New(ctx context.Context, js jetstream.JetStream, policy *netguard.Policy, tokens []Token, d Defaults, stats WindowStats, log *slog.Logger) (*Server, error) {
-	dests, err := js.KeyValue(ctx, subject.BucketDestinations)
+	dests, err := js.KeyValue(ctx, topology.BucketDestinations)
 	if err != nil {
 		return nil, err
 	}
-	decisions, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	decisions, err := js.KeyValue(ctx, topology.BucketQuarantine)
 	if err != nil {
 		return nil, err
 	}

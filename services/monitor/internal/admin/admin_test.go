@@ -27,9 +27,10 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/admin"
 )
@@ -80,10 +81,10 @@ func start(t *testing.T) *fixture {
 	})
 	f := &fixture{js: js, client: adminv1.NewAdminServiceClient(conn),
 		op: grpctest.WithToken(ctx, opToken), viewer: grpctest.WithToken(ctx, viewerToken), anon: ctx}
-	if f.dests, err = js.KeyValue(ctx, subject.BucketDestinations); err != nil {
+	if f.dests, err = js.KeyValue(ctx, topology.BucketDestinations); err != nil {
 		t.Fatal(err)
 	}
-	if f.decs, err = js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
+	if f.decs, err = js.KeyValue(ctx, topology.BucketQuarantine); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -135,7 +136,7 @@ func (f *fixture) decision(t *testing.T, id string) (*eventv1.Decision, uint64) 
 func auditOn[M proto.Message](t *testing.T, js jetstream.JetStream, subj string, newMsg func() M) []M {
 	t.Helper()
 	ctx := context.Background()
-	s, err := js.Stream(ctx, subject.StreamAudit)
+	s, err := js.Stream(ctx, topology.StreamAudit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -806,7 +807,7 @@ func TestWatchDecisions(t *testing.T) {
 	// before it started is not replayed. Keep deciding (for t2, which the
 	// filter must drop, then for t1) until one reaches the watcher.
 	paused := false
-	natstest.CheckFor(t, 15*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 100*time.Millisecond, func() error {
 		mu.Lock()
 		n := len(seen)
 		mu.Unlock()

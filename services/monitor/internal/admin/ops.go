@@ -17,7 +17,7 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // decision returns the stored decision of a destination (nil when none) and
@@ -238,11 +238,11 @@ func (s *Server) health(ctx context.Context, d *adminv1.Destination) (*adminv1.D
 // DELIVERY was stored. DELIVERY is a work queue, so the first message on the
 // destination's subject is the oldest one not yet delivered or parked.
 func oldestUndelivered(ctx context.Context, js jetstream.JetStream, id string) (time.Time, error) {
-	subj, err := subject.Deliver(id)
+	subj, err := topology.Deliver(id)
 	if err != nil {
 		return time.Time{}, err
 	}
-	st, err := js.Stream(ctx, subject.StreamDelivery)
+	st, err := js.Stream(ctx, topology.StreamDelivery)
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -256,11 +256,11 @@ func oldestUndelivered(ctx context.Context, js jetstream.JetStream, id string) (
 // pending counts a destination's batches in DELIVERY, and of those the ones
 // deliverers hold (the destination's consumer's unacknowledged messages).
 func pending(ctx context.Context, js jetstream.JetStream, id string) (int64, int64, error) {
-	subj, err := subject.Deliver(id)
+	subj, err := topology.Deliver(id)
 	if err != nil {
 		return 0, 0, err
 	}
-	st, err := js.Stream(ctx, subject.StreamDelivery)
+	st, err := js.Stream(ctx, topology.StreamDelivery)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -270,8 +270,8 @@ func pending(ctx context.Context, js jetstream.JetStream, id string) (int64, int
 	}
 	var held int64
 	// The consumer may not exist yet for a destination no deliverer has seen.
-	name, _ := subject.DeliverConsumer(id)
-	if ci, err := js.Consumer(ctx, subject.StreamDelivery, name); err == nil {
+	name, _ := topology.DeliverConsumer(id)
+	if ci, err := js.Consumer(ctx, topology.StreamDelivery, name); err == nil {
 		held = int64(ci.CachedInfo().NumAckPending)
 	}
 	return int64(info.State.Subjects[subj]), held, nil

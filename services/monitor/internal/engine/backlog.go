@@ -6,7 +6,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // DefaultStallAfter is how long a backlog may go without moving before it
@@ -30,17 +30,17 @@ func (e *Engine) watchBacklog(ctx context.Context) {
 
 // readBacklog returns the batches waiting in DELIVERY per destination.
 func (e *Engine) readBacklog(ctx context.Context) (map[string]int64, error) {
-	st, err := e.js.Stream(ctx, subject.StreamDelivery)
+	st, err := e.js.Stream(ctx, topology.StreamDelivery)
 	if err != nil {
 		return nil, err
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subject.AllDeliver))
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(topology.AllDeliver))
 	if err != nil {
 		return nil, err
 	}
 	backlog := make(map[string]int64, len(info.State.Subjects))
 	for subj, n := range info.State.Subjects {
-		if id, err := subject.IDFrom(subj); err == nil {
+		if id, err := topology.IDFrom(subj); err == nil {
 			backlog[id] = int64(n)
 		}
 	}

@@ -11,8 +11,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // TestUnmovingBacklogIsReportedStalledNotQuarantined leaves one
@@ -30,7 +30,7 @@ func TestUnmovingBacklogIsReportedStalledNotQuarantined(t *testing.T) {
 	e.destination("stuck", srv.URL)
 	e.destination("moving", srv.URL)
 	for _, id := range []string{"stuck", "moving"} {
-		subj, _ := subject.Deliver(id)
+		subj, _ := topology.Deliver(id)
 		for i := range 3 {
 			if _, err := e.js.Publish(context.Background(), subj, fmt.Appendf(nil, "batch %d", i)); err != nil {
 				t.Fatal(err)
@@ -55,7 +55,7 @@ func TestUnmovingBacklogIsReportedStalledNotQuarantined(t *testing.T) {
 		}
 	}()
 
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		for i, eng := range e.engines {
 			if h := eng.Stats("stuck"); h.GetStalledSince() == nil {
 				return fmt.Errorf("replica %d: stuck not reported stalled", i)
@@ -73,15 +73,15 @@ func TestUnmovingBacklogIsReportedStalledNotQuarantined(t *testing.T) {
 	}
 
 	// The backlog goes (delivered, say): the stall ends.
-	st, err := e.js.Stream(context.Background(), subject.StreamDelivery)
+	st, err := e.js.Stream(context.Background(), topology.StreamDelivery)
 	if err != nil {
 		t.Fatal(err)
 	}
-	subj, _ := subject.Deliver("stuck")
+	subj, _ := topology.Deliver("stuck")
 	if err := st.Purge(context.Background(), jetstream.WithPurgeSubject(subj)); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		for i, eng := range e.engines {
 			if h := eng.Stats("stuck"); h.GetStalledSince() != nil {
 				return fmt.Errorf("replica %d: stuck still stalled after its backlog went", i)

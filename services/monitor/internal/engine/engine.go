@@ -29,7 +29,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/stall"
@@ -76,11 +76,11 @@ func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, c
 	if err := cfg.Policy.Validate(); err != nil {
 		return nil, err
 	}
-	kv, err := js.KeyValue(ctx, subject.BucketQuarantine)
+	kv, err := js.KeyValue(ctx, topology.BucketQuarantine)
 	if err != nil {
 		return nil, err
 	}
-	leases, err := js.KeyValue(ctx, subject.BucketLeases)
+	leases, err := js.KeyValue(ctx, topology.BucketLeases)
 	if err != nil {
 		return nil, err
 	}
@@ -143,7 +143,7 @@ func (e *Engine) Run(ctx context.Context) error {
 
 	sub := e.reg.Subscribe()
 	defer sub.Close()
-	elector := lease.Elect(ctx, e.leases, subject.LeaseMonitor, e.cfg.Holder, leaseRenew, e.log)
+	elector := lease.Elect(ctx, e.leases, topology.LeaseMonitor, e.cfg.Holder, leaseRenew, e.log)
 	defer elector.Stop()
 	var leader *lifecycle.Handle
 	defer func() {
@@ -218,8 +218,8 @@ func (e *Engine) leading() *health.Machine {
 // leader, feeds the machine. A consumer that ends is created again.
 func (e *Engine) consumeOutcomes(ctx context.Context) {
 	for ctx.Err() == nil {
-		cons, err := e.js.OrderedConsumer(ctx, subject.StreamOutcomes, jetstream.OrderedConsumerConfig{
-			FilterSubjects: []string{subject.AllOutcomes},
+		cons, err := e.js.OrderedConsumer(ctx, topology.StreamOutcomes, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{topology.AllOutcomes},
 			DeliverPolicy:  jetstream.DeliverNewPolicy,
 		})
 		if err != nil {
@@ -436,7 +436,7 @@ func (e *Engine) send(ctx context.Context, dest *adminv1.Destination, id string,
 }
 
 func (e *Engine) publishProbeOutcome(ctx context.Context, dest *adminv1.Destination, id string, res webhook.Result) {
-	subj, err := subject.Outcome(dest.GetId())
+	subj, err := topology.Outcome(dest.GetId())
 	if err != nil {
 		return
 	}

@@ -22,12 +22,13 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
 )
@@ -51,14 +52,8 @@ func startEngines(t *testing.T, n int) (*env, []context.CancelFunc) {
 // configuration.
 func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []context.CancelFunc) {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
-	if err := stream.Ensure(context.Background(), js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(context.Background(), subject.BucketQuarantine)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := testkit.JetStream(t, stream.Limits{})
+	js, kv := tk.JS, tk.Decisions
 	policy, _ := netguard.NewPolicy([]string{"127.0.0.0/8"})
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
 	t.Cleanup(client.CloseIdleConnections)
@@ -98,7 +93,7 @@ func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []con
 func (e *env) destination(id, url string) {
 	secret, _ := webhook.NewSecret()
 	b, _ := registry.Encode(&adminv1.Destination{Id: id, TenantId: "t1", Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(time.Second)})
-	dests, err := e.js.KeyValue(context.Background(), subject.BucketDestinations)
+	dests, err := e.js.KeyValue(context.Background(), topology.BucketDestinations)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -108,7 +103,7 @@ func (e *env) destination(id, url string) {
 }
 
 func (e *env) outcome(dest string, class eventv1.ErrorClass) {
-	subj, _ := subject.Outcome(dest)
+	subj, _ := topology.Outcome(dest)
 	b, _ := proto.Marshal(&eventv1.Outcome{DestinationId: dest, TenantId: "t1", At: timestamppb.Now(), ErrorClass: class, LatencyMs: 5, TimeoutMs: 1000})
 	if _, err := e.js.Publish(context.Background(), subj, b); err != nil {
 		e.t.Fatal(err)
@@ -129,7 +124,7 @@ func (e *env) state(dest string) eventv1.State {
 
 func (e *env) waitState(dest string, want eventv1.State, within time.Duration) {
 	e.t.Helper()
-	natstest.CheckFor(e.t, within, 20*time.Millisecond, func() error {
+	poll.CheckFor(e.t, within, 20*time.Millisecond, func() error {
 		if got := e.state(dest); got != want {
 			return fmt.Errorf("%s is %v, want %v", dest, got, want)
 		}
@@ -140,11 +135,11 @@ func (e *env) waitState(dest string, want eventv1.State, within time.Duration) {
 // waitLeader waits until some engine holds the monitor lease.
 func (e *env) waitLeader() {
 	e.t.Helper()
-	leases, err := e.js.KeyValue(context.Background(), subject.BucketLeases)
+	leases, err := e.js.KeyValue(context.Background(), topology.BucketLeases)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	natstest.CheckFor(e.t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(e.t, 10*time.Second, 20*time.Millisecond, func() error {
 		_, err := leases.Get(context.Background(), "monitor")
 		return err
 	})
@@ -178,7 +173,7 @@ func TestQuarantineProbeRecover(t *testing.T) {
 		e.outcome("d1", eventv1.ErrorClass_ERROR_CLASS_SERVER)
 	}
 	e.waitState("d1", eventv1.State_STATE_QUARANTINED, 10*time.Second)
-	natstest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		if probes.Load() == 0 {
 			return fmt.Errorf("not probed yet")
 		}
@@ -195,7 +190,7 @@ func TestQuarantineProbeRecover(t *testing.T) {
 	}
 
 	// Every transition is in the audit trail, in order.
-	st, err := e.js.Stream(context.Background(), subject.StreamAudit)
+	st, err := e.js.Stream(context.Background(), topology.StreamAudit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,14 +247,14 @@ func TestOnlyTheLeaderDecidesAndFailoverContinues(t *testing.T) {
 		t.Errorf("first decision: revision %d by %q", d.GetRevision(), d.GetDecidedBy())
 	}
 
-	leases, _ := e.js.KeyValue(context.Background(), subject.BucketLeases)
+	leases, _ := e.js.KeyValue(context.Background(), topology.BucketLeases)
 	held, err := leases.Get(context.Background(), "monitor")
 	if err != nil {
 		t.Fatal(err)
 	}
 	leader := string(held.Value())
 	stops[map[string]int{"m0": 0, "m1": 1}[leader]]()
-	natstest.CheckFor(t, 15*time.Second, 50*time.Millisecond, func() error {
+	poll.CheckFor(t, 15*time.Second, 50*time.Millisecond, func() error {
 		e, err := leases.Get(context.Background(), "monitor")
 		if err != nil || string(e.Value()) == leader {
 			return fmt.Errorf("no new leader yet")

@@ -21,12 +21,9 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/services/router/internal/route"
 )
-
-// ConsumerName is the durable consumer every router replica shares.
-const ConsumerName = "router"
 
 // Config tunes the router.
 type Config struct {
@@ -127,17 +124,17 @@ func (r *Router) Run(ctx context.Context) error {
 func (r *Router) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cons, err := r.js.CreateOrUpdateConsumer(cctx, subject.StreamImpressions, jetstream.ConsumerConfig{
-		Durable:       ConsumerName,
+	cons, err := r.js.CreateOrUpdateConsumer(cctx, topology.StreamImpressions, jetstream.ConsumerConfig{
+		Durable:       topology.ConsumerRouter,
 		Description:   "routers: fan accepted impressions out to destinations",
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       r.cfg.AckWait,
 		MaxAckPending: r.cfg.MaxAckPending,
 		MaxDeliver:    -1, // never give up on an accepted batch (invariant 1)
-		FilterSubject: subject.AllIn,
+		FilterSubject: topology.AllIn,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("consumer %s: %w", ConsumerName, err)
+		return nil, fmt.Errorf("consumer %s: %w", topology.ConsumerRouter, err)
 	}
 	return cons, nil
 }
@@ -152,7 +149,7 @@ func (r *Router) consume(ctx context.Context, cons jetstream.Consumer, arrivals 
 		jetstream.PullHeartbeat(stream.PullHeartbeat),
 	)
 	if err != nil {
-		return fmt.Errorf("consume %s: %w", ConsumerName, err)
+		return fmt.Errorf("consume %s: %w", topology.ConsumerRouter, err)
 	}
 	defer it.Stop()
 	stop := make(chan struct{})
@@ -324,7 +321,7 @@ func (r *Router) publish(ctx context.Context, b *eventv1.Batch, targets []route.
 }
 
 func deliverMsg(b *eventv1.Batch, msgID string) (*nats.Msg, error) {
-	subj, err := subject.Deliver(b.GetDestinationId())
+	subj, err := topology.Deliver(b.GetDestinationId())
 	if err != nil {
 		return nil, err
 	}

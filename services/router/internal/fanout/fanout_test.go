@@ -19,10 +19,11 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -43,22 +44,12 @@ func start(t *testing.T, dests []*adminv1.Destination, decisions []*eventv1.Deci
 
 func startWith(t *testing.T, limits stream.Limits, dests []*adminv1.Destination, decisions []*eventv1.Decision) *fixture {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	tk := testkit.JetStream(t, limits)
+	js, destKV, decKV := tk.JS, tk.Destinations, tk.Decisions
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
 	defer scancel()
-	if err := stream.Ensure(sctx, js, limits); err != nil {
-		t.Fatal(err)
-	}
-	destKV, err := js.KeyValue(sctx, subject.BucketDestinations)
-	if err != nil {
-		t.Fatal(err)
-	}
-	decKV, err := js.KeyValue(sctx, subject.BucketQuarantine)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, d := range dests {
 		b, _ := registry.Encode(d)
 		if _, err := destKV.Put(sctx, d.GetId(), b); err != nil {
@@ -108,7 +99,7 @@ func (f *fixture) submit(t *testing.T, b *eventv1.Batch, msgID string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	subj, _ := subject.In(b.GetTenantId())
+	subj, _ := topology.In(b.GetTenantId())
 	m := nats.NewMsg(subj)
 	m.Data = data
 	m.Header.Set(jetstream.MsgIDHeader, msgID)
@@ -148,8 +139,8 @@ func (f *fixture) on(t *testing.T, streamName, subj string) ([]*eventv1.Batch, [
 // routed waits until the router consumer has nothing pending or unacknowledged.
 func (f *fixture) routed(t *testing.T) {
 	t.Helper()
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), topology.StreamImpressions, topology.ConsumerRouter)
 		if err != nil {
 			return err
 		}
@@ -163,7 +154,7 @@ func (f *fixture) routed(t *testing.T) {
 		return nil
 	})
 	// IMPRESSIONS is a work queue: acknowledged input is removed.
-	s, err := f.js.Stream(context.Background(), subject.StreamImpressions)
+	s, err := f.js.Stream(context.Background(), topology.StreamImpressions)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,29 +203,29 @@ func TestFanOut(t *testing.T) {
 		keys   []string
 		reason string
 	}{
-		{"all", subject.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
-		{"only-a", subject.StreamDelivery, []string{"u1", "u3"}, ""},
-		{"recovering", subject.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
-		{"paused", subject.StreamParked, []string{"u1", "u2", "u3"}, "paused"},
-		{"quarantined", subject.StreamParked, []string{"u1", "u2", "u3"}, "quarantined"},
-		{"disabled", subject.StreamParked, []string{"u1", "u2", "u3"}, "destination disabled"},
+		{"all", topology.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
+		{"only-a", topology.StreamDelivery, []string{"u1", "u3"}, ""},
+		{"recovering", topology.StreamDelivery, []string{"u1", "u2", "u3"}, ""},
+		{"paused", topology.StreamParked, []string{"u1", "u2", "u3"}, "paused"},
+		{"quarantined", topology.StreamParked, []string{"u1", "u2", "u3"}, "quarantined"},
+		{"disabled", topology.StreamParked, []string{"u1", "u2", "u3"}, "destination disabled"},
 		{"only-z", "", nil, ""},
 		{"other-tenant", "", nil, ""},
 	} {
 		t.Run(tc.dest, func(t *testing.T) {
-			deliverSubj, _ := subject.Deliver(tc.dest)
-			parkedSubj, _ := subject.Parked(tc.dest)
-			delivered, dids := f.on(t, subject.StreamDelivery, deliverSubj)
-			parkedB, pids := f.on(t, subject.StreamParked, parkedSubj)
+			deliverSubj, _ := topology.Deliver(tc.dest)
+			parkedSubj, _ := topology.Parked(tc.dest)
+			delivered, dids := f.on(t, topology.StreamDelivery, deliverSubj)
+			parkedB, pids := f.on(t, topology.StreamParked, parkedSubj)
 			var got []*eventv1.Batch
 			var ids []string
 			switch tc.stream {
-			case subject.StreamDelivery:
+			case topology.StreamDelivery:
 				got, ids = delivered, dids
 				if len(parkedB) != 0 {
 					t.Errorf("also parked: %v", parkedB)
 				}
-			case subject.StreamParked:
+			case topology.StreamParked:
 				got, ids = parkedB, pids
 				if len(delivered) != 0 {
 					t.Errorf("also delivered: %v", delivered)
@@ -276,8 +267,8 @@ func TestRedeliveredInputIsNotDuplicated(t *testing.T) {
 	f.submit(t, in, "ingest-1")
 	f.routed(t)
 	f.submit(t, in, "ingest-2")
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), topology.StreamImpressions, topology.ConsumerRouter)
 		if err != nil {
 			return err
 		}
@@ -290,10 +281,10 @@ func TestRedeliveredInputIsNotDuplicated(t *testing.T) {
 		}
 		return nil
 	})
-	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
 		t.Errorf("imp.deliver.d1 holds %d batches, want 1", len(got))
 	}
-	if got, _ := f.on(t, subject.StreamParked, "imp.parked.held"); len(got) != 1 {
+	if got, _ := f.on(t, topology.StreamParked, "imp.parked.held"); len(got) != 1 {
 		t.Errorf("imp.parked.held holds %d batches, want 1", len(got))
 	}
 }
@@ -306,20 +297,20 @@ func TestNewDecisionIsEnforced(t *testing.T) {
 	if _, err := registry.PutDecision(context.Background(), f.decs, &eventv1.Decision{DestinationId: "d1", TenantId: "t1", State: eventv1.State_STATE_QUARANTINED}, 0); err != nil {
 		t.Fatal(err)
 	}
-	natstest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+	poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
 		if !registry.Held(f.reg.State("d1")) {
 			return errors.New("decision not seen by the registry")
 		}
 		return nil
 	})
 	f.submit(t, &eventv1.Batch{BatchId: "after", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u2", "a")}}, "2")
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		if got, _ := f.on(t, subject.StreamParked, "imp.parked.d1"); len(got) != 1 || got[0].GetBatchId() != "after" {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if got, _ := f.on(t, topology.StreamParked, "imp.parked.d1"); len(got) != 1 || got[0].GetBatchId() != "after" {
 			return fmt.Errorf("parked %v", got)
 		}
 		return nil
 	})
-	delivered, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1")
+	delivered, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1")
 	if len(delivered) != 1 || delivered[0].GetBatchId() != "before" {
 		t.Errorf("delivered %v, want only the batch from before the quarantine", delivered)
 	}
@@ -332,8 +323,8 @@ func TestCorruptInputIsTerminated(t *testing.T) {
 	}
 	f.submit(t, &eventv1.Batch{BatchId: "ok", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "ok")
 	// The corrupt message does not block the one behind it.
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
 			return fmt.Errorf("delivered %d", len(got))
 		}
 		return nil
@@ -356,8 +347,8 @@ func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
 	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "b1")
 
 	// The input is handed back and redelivered, not acknowledged or dropped.
-	natstest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		c, err := f.js.Consumer(context.Background(), subject.StreamImpressions, ConsumerName)
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		c, err := f.js.Consumer(context.Background(), topology.StreamImpressions, topology.ConsumerRouter)
 		if err != nil {
 			return err
 		}
@@ -370,13 +361,13 @@ func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
 		}
 		return nil
 	})
-	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 0 {
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 0 {
 		t.Fatalf("d1 got %d batches through a full stream", len(got))
 	}
 
 	// Room again: the next redelivery completes, and the share that was
 	// already parked on the first attempt is not parked twice.
-	s, err := f.js.Stream(context.Background(), subject.StreamDelivery)
+	s, err := f.js.Stream(context.Background(), topology.StreamDelivery)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -384,10 +375,10 @@ func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.routed(t)
-	if got, _ := f.on(t, subject.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
 		t.Errorf("imp.deliver.d1 holds %d batches, want 1", len(got))
 	}
-	if got, _ := f.on(t, subject.StreamParked, "imp.parked.held"); len(got) != 1 {
+	if got, _ := f.on(t, topology.StreamParked, "imp.parked.held"); len(got) != 1 {
 		t.Errorf("imp.parked.held holds %d batches, want 1", len(got))
 	}
 }
@@ -398,7 +389,7 @@ func TestFullDeliveryStreamRetriesWithoutDuplicates(t *testing.T) {
 func TestDestinationCreatedJustBeforeABatchGetsIt(t *testing.T) {
 	f := start(t, nil, nil)
 	ctx := context.Background()
-	destKV, err := f.js.KeyValue(ctx, subject.BucketDestinations)
+	destKV, err := f.js.KeyValue(ctx, topology.BucketDestinations)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -413,8 +404,8 @@ func TestDestinationCreatedJustBeforeABatchGetsIt(t *testing.T) {
 	}
 	f.routed(t)
 	for i := range n {
-		subj, _ := subject.Deliver(fmt.Sprintf("d%d", i))
-		if got, _ := f.on(t, subject.StreamDelivery, subj); len(got) != 1 {
+		subj, _ := topology.Deliver(fmt.Sprintf("d%d", i))
+		if got, _ := f.on(t, topology.StreamDelivery, subj); len(got) != 1 {
 			t.Errorf("d%d: %d batches on %s, want the one submitted right after it was created", i, len(got), subj)
 		}
 	}
@@ -428,13 +419,13 @@ func TestRouterKeepsRoutingWhenItsSubscriptionEnds(t *testing.T) {
 	f := start(t, []*adminv1.Destination{{Id: "d", TenantId: "t1", Url: "https://example.com/d", Enabled: true}}, nil)
 	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "ingest-b1")
 	f.routed(t)
-	if err := f.js.DeleteConsumer(context.Background(), subject.StreamImpressions, ConsumerName); err != nil {
+	if err := f.js.DeleteConsumer(context.Background(), topology.StreamImpressions, topology.ConsumerRouter); err != nil {
 		t.Fatal(err)
 	}
 	f.submit(t, &eventv1.Batch{BatchId: "b2", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u2", "a")}}, "ingest-b2")
-	subj, _ := subject.Deliver("d")
-	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
-		if got, _ := f.on(t, subject.StreamDelivery, subj); len(got) != 2 {
+	subj, _ := topology.Deliver("d")
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		if got, _ := f.on(t, topology.StreamDelivery, subj); len(got) != 2 {
 			return fmt.Errorf("%d of 2 batches routed after the consumer was deleted", len(got))
 		}
 		return nil

@@ -19,7 +19,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // Config shapes replays.
@@ -57,7 +57,7 @@ type Replayer struct {
 
 // New returns a replayer for the destinations of view; call Run.
 func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Replayer, error) {
-	kv, err := js.KeyValue(ctx, subject.BucketLeases)
+	kv, err := js.KeyValue(ctx, topology.BucketLeases)
 	if err != nil {
 		return nil, err
 	}
@@ -127,7 +127,7 @@ func (r *Replayer) replay(ctx context.Context, dest string) {
 	if !lifecycle.Sleep(ctx, parked.ReplayGrace) || !r.mayReplay(dest) {
 		return
 	}
-	key, err := subject.LeaseReplay(dest)
+	key, err := topology.LeaseReplay(dest)
 	if err != nil {
 		return
 	}

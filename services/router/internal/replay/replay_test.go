@@ -10,50 +10,38 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/subject"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
 
 type fixture struct {
-	js    jetstream.JetStream
-	dests jetstream.KeyValue
-	decs  jetstream.KeyValue
+	*testkit.Env
+	js jetstream.JetStream
 }
 
 // start runs one replayer against a fresh JetStream.
 func start(t *testing.T) *fixture {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	env := testkit.JetStream(t, stream.Limits{})
+	f := &fixture{Env: env, js: env.JS}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
-	f := &fixture{js: js}
-	var err error
-	if f.dests, err = js.KeyValue(ctx, subject.BucketDestinations); err != nil {
-		t.Fatal(err)
-	}
-	if f.decs, err = js.KeyValue(ctx, subject.BucketQuarantine); err != nil {
-		t.Fatal(err)
-	}
 	log := slog.New(slog.DiscardHandler)
-	view, err := registry.Open(ctx, js, log)
+	view, err := registry.Open(ctx, f.js, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(view.Stop)
-	r, err := New(ctx, js, view, Config{Rate: 100, MaxRate: 1000, RampEvery: time.Second, TotalRate: 1000, Holder: "r0"}, log, prometheus.NewRegistry())
+	r, err := New(ctx, f.js, view, Config{Rate: 100, MaxRate: 1000, RampEvery: time.Second, TotalRate: 1000, Holder: "r0"}, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,37 +50,20 @@ func start(t *testing.T) *fixture {
 	return f
 }
 
-func (f *fixture) destination(t *testing.T, id string) {
-	t.Helper()
-	b, _ := registry.Encode(&adminv1.Destination{Id: id, TenantId: "t1", Url: "https://example.com/" + id, Enabled: true})
-	if _, err := f.dests.Put(context.Background(), id, b); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func (f *fixture) park(t *testing.T, dest string, n int) {
 	t.Helper()
 	for i := range n {
-		b := &eventv1.Batch{BatchId: fmt.Sprintf("%s-b%d", dest, i), TenantId: "t1", DestinationId: dest,
-			Impressions: []*ingestv1.Impression{{Key: "k", Split: "s", Treatment: "on", Time: 1}}}
+		b := testkit.Batch(fmt.Sprintf("%s-b%d", dest, i), dest, testkit.Impressions("k", 1))
 		if err := parked.Park(context.Background(), f.js, b, "quarantined", 1, b.BatchId); err != nil {
 			t.Fatal(err)
 		}
 	}
 }
 
-func (f *fixture) decide(t *testing.T, dest string, s eventv1.State, rev uint64) {
-	t.Helper()
-	b, _ := registry.Encode(&eventv1.Decision{DestinationId: dest, TenantId: "t1", State: s, Revision: rev})
-	if _, err := f.decs.Put(context.Background(), dest, b); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func (f *fixture) inDelivery(t *testing.T, dest string) uint64 {
 	t.Helper()
-	subj, _ := subject.Deliver(dest)
-	st, err := f.js.Stream(context.Background(), subject.StreamDelivery)
+	subj, _ := topology.Deliver(dest)
+	st, err := f.js.Stream(context.Background(), topology.StreamDelivery)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,10 +79,10 @@ func (f *fixture) inDelivery(t *testing.T, dest string) uint64 {
 // replay lease.
 func TestRecoveringDestinationIsReplayed(t *testing.T) {
 	f := start(t)
-	f.destination(t, "d")
+	f.Put(t, testkit.Destination("d"))
 	f.park(t, "d", 5)
-	f.decide(t, "d", eventv1.State_STATE_RECOVERING, 1)
-	natstest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+	f.Decide(t, "d", eventv1.State_STATE_RECOVERING, 1)
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
 		n, _, err := parked.Stats(context.Background(), f.js, "d")
 		if err != nil {
 			return err
@@ -121,10 +92,9 @@ func TestRecoveringDestinationIsReplayed(t *testing.T) {
 		}
 		return nil
 	})
-	leases, _ := f.js.KeyValue(context.Background(), subject.BucketLeases)
-	key, _ := subject.LeaseReplay("d")
-	natstest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
-		if _, err := leases.Get(context.Background(), key); err == nil {
+	key, _ := topology.LeaseReplay("d")
+	poll.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		if _, err := f.Leases.Get(context.Background(), key); err == nil {
 			return fmt.Errorf("replay lease %s still held after the replay", key)
 		}
 		return nil
@@ -136,10 +106,10 @@ func TestRecoveringDestinationIsReplayed(t *testing.T) {
 // moving it into DELIVERY, where no lane would ever take it.
 func TestDeletedDestinationIsNotReplayed(t *testing.T) {
 	f := start(t)
-	f.destination(t, "gone")
+	f.Put(t, testkit.Destination("gone"))
 	f.park(t, "gone", 3)
-	f.decide(t, "gone", eventv1.State_STATE_RECOVERING, 1)
-	if err := f.dests.Delete(context.Background(), "gone"); err != nil {
+	f.Decide(t, "gone", eventv1.State_STATE_RECOVERING, 1)
+	if err := f.Destinations.Delete(context.Background(), "gone"); err != nil {
 		t.Fatal(err)
 	}
 	// Past the grace period and a replay's first batches.

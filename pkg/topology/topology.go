@@ -1,6 +1,20 @@
-// Package subject builds every JetStream subject Bulkhead uses, and is the only
-// place that does, so that no unvalidated id ever reaches a subject.
-package subject
+// Package topology is the one home of every name Bulkhead's parts meet on:
+// streams, subjects, consumers, KV buckets and lease keys. It builds every
+// subject and id-derived name, and is the only place that does, so that no
+// unvalidated id ever reaches NATS. (Stream and bucket configurations live
+// in package stream.)
+//
+//	stream / bucket    subjects                    written by         read by
+//	IMPRESSIONS        imp.in.<tenant>             ingest             router (durable "router")
+//	DELIVERY           imp.deliver.<dest>          router, replay     deliverer (durable "deliver-<dest>")
+//	PARKED             imp.parked.<dest>           router, deliverer  replay, monitor (probe, admin export)
+//	OUTCOMES           imp.outcome.<dest>          deliverer, monitor monitor (ordered, every replica)
+//	AUDIT              imp.audit.quarantine.<dest> monitor            operators, auditors
+//	                   imp.audit.admin.<tenant>
+//	KV destinations    <dest>                      admin, deliverer   every service (registry view)
+//	KV quarantine      <dest>                      monitor, admin     router, deliverer, monitor
+//	KV leases          monitor, replay-<dest>      monitor, router    the same (leadership)
+package topology
 
 import (
 	"errors"
@@ -27,6 +41,10 @@ const (
 	// LeaseMonitor is the key in BucketLeases whose holder makes the
 	// monitor's decisions.
 	LeaseMonitor = "monitor"
+
+	// ConsumerRouter is the durable consumer of IMPRESSIONS that every
+	// router replica shares.
+	ConsumerRouter = "router"
 )
 
 // Wildcards that streams and consumers bind to.
