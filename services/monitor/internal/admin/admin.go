@@ -84,7 +84,7 @@ func (s *Server) CreateDestination(ctx context.Context, req *adminv1.CreateDesti
 	if d.GetSecret() == "" {
 		secret, err := webhook.NewSecret()
 		if err != nil {
-			return nil, internal(s.log, "new secret", err)
+			return nil, toStatus(s.log, "new secret", err)
 		}
 		d.Secret = secret
 	}
@@ -93,13 +93,13 @@ func (s *Server) CreateDestination(ctx context.Context, req *adminv1.CreateDesti
 	s.fill(d)
 	b, err := registry.Encode(d)
 	if err != nil {
-		return nil, internal(s.log, "encode", err)
+		return nil, toStatus(s.log, "encode", err)
 	}
 	if _, err := s.dests.Create(ctx, d.GetId(), b); err != nil {
 		if errors.Is(err, jetstream.ErrKeyExists) {
-			return nil, status.Errorf(codes.AlreadyExists, "destination %q already exists", d.GetId())
+			return nil, toStatus(s.log, "create destination", fmt.Errorf("destination %q: %w", d.GetId(), errExists))
 		}
-		return nil, unavailable(s.log, "create destination", err)
+		return nil, toStatus(s.log, "create destination", err)
 	}
 	s.record(ctx, "CreateDestination", d.GetTenantId(), []string{d.GetId()}, "", "url "+d.GetUrl(), false)
 	return &adminv1.CreateDestinationResponse{Destination: d}, nil
@@ -141,14 +141,14 @@ func (s *Server) fill(d *adminv1.Destination) {
 func (s *Server) load(ctx context.Context, id string) (*adminv1.Destination, uint64, error) {
 	e, err := s.dests.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, status.Errorf(codes.NotFound, "destination %q not found", id)
+		return nil, 0, toStatus(s.log, "get destination", fmt.Errorf("destination %q: %w", id, errNotFound))
 	}
 	if err != nil {
-		return nil, 0, unavailable(s.log, "get destination", err)
+		return nil, 0, toStatus(s.log, "get destination", err)
 	}
 	var d adminv1.Destination
 	if err := registry.Decode(e.Value(), &d); err != nil {
-		return nil, 0, internal(s.log, "decode destination", err)
+		return nil, 0, toStatus(s.log, "decode destination", err)
 	}
 	return &d, e.Revision(), nil
 }
@@ -184,7 +184,7 @@ func (s *Server) ListDestinations(ctx context.Context, req *adminv1.ListDestinat
 func (s *Server) all(ctx context.Context, tenant string) ([]*adminv1.Destination, error) {
 	lister, err := s.dests.ListKeys(ctx)
 	if err != nil {
-		return nil, unavailable(s.log, "list destinations", err)
+		return nil, toStatus(s.log, "list destinations", err)
 	}
 	defer func() { _ = lister.Stop() }()
 	var ids []string
@@ -232,7 +232,7 @@ func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDesti
 		next := in.GetSecret()
 		if next == "" || next == old.GetSecret() {
 			if next, err = webhook.NewSecret(); err != nil {
-				return nil, internal(s.log, "new secret", err)
+				return nil, toStatus(s.log, "new secret", err)
 			}
 		}
 		// The old secret keeps signing for a day: receivers verify either.
@@ -243,10 +243,11 @@ func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDesti
 	s.fill(d)
 	b, err := registry.Encode(d)
 	if err != nil {
-		return nil, internal(s.log, "encode", err)
+		return nil, toStatus(s.log, "encode", err)
 	}
 	if _, err := s.dests.Update(ctx, d.GetId(), b, rev); err != nil {
-		return nil, status.Errorf(codes.Aborted, "destination %q changed concurrently; read it again and retry", d.GetId())
+		// A lost compare-and-set is Aborted; a NATS timeout is Unavailable.
+		return nil, toStatus(s.log, fmt.Sprintf("update destination %q", d.GetId()), err)
 	}
 	s.record(ctx, "UpdateDestination", d.GetTenantId(), []string{d.GetId()}, "", fmt.Sprintf("rotated secret: %v", rotated), false)
 	if !rotated {
@@ -263,7 +264,7 @@ func (s *Server) DeleteDestination(ctx context.Context, req *adminv1.DeleteDesti
 		return nil, err
 	}
 	if err := s.dests.Delete(ctx, d.GetId()); err != nil {
-		return nil, unavailable(s.log, "delete destination", err)
+		return nil, toStatus(s.log, "delete destination", err)
 	}
 	if err := s.decisions.Delete(ctx, d.GetId()); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 		s.log.Warn("delete decision", "destination", d.GetId(), "err", err)
@@ -286,17 +287,6 @@ func (s *Server) record(ctx context.Context, action, tenant string, ids []string
 	}
 }
 
-// internal logs err and returns a status that does not leak it.
-func internal(log *slog.Logger, op string, err error) error {
-	log.Error(op, "err", err)
-	return status.Error(codes.Internal, "internal error")
-}
-
-// unavailable logs err and returns a retryable status that does not leak it.
-func unavailable(log *slog.Logger, op string, err error) error {
-	log.Warn(op, "err", err)
-	return status.Errorf(codes.Unavailable, "%s: store unavailable, retry", op)
-}
 
 func formatCount(batches, impressions int64) string {
 	if impressions < 0 {

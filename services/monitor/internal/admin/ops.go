@@ -3,6 +3,7 @@ package admin
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sort"
 	"time"
 
@@ -28,11 +29,11 @@ func (s *Server) decision(ctx context.Context, id string) (*eventv1.Decision, ui
 		return nil, 0, nil
 	}
 	if err != nil {
-		return nil, 0, unavailable(s.log, "get decision", err)
+		return nil, 0, toStatus(s.log, "get decision", err)
 	}
 	var d eventv1.Decision
 	if err := registry.Decode(e.Value(), &d); err != nil {
-		return nil, 0, internal(s.log, "decode decision", err)
+		return nil, 0, toStatus(s.log, "decode decision", err)
 	}
 	return &d, e.Revision(), nil
 }
@@ -56,7 +57,7 @@ func (s *Server) decide(ctx context.Context, d *adminv1.Destination, next func(p
 		if _, err := registry.PutDecision(ctx, s.decisions, n, rev); errors.Is(err, registry.ErrConflict) {
 			continue
 		} else if err != nil {
-			return nil, unavailable(s.log, "store decision", err)
+			return nil, toStatus(s.log, "store decision", err)
 		}
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		if err := audit.Decision(actx, s.js, n); err != nil {
@@ -65,7 +66,7 @@ func (s *Server) decide(ctx context.Context, d *adminv1.Destination, next func(p
 		cancel()
 		return n, nil
 	}
-	return nil, status.Errorf(codes.Aborted, "destination %q: decisions changing too fast; retry", d.GetId())
+	return nil, toStatus(s.log, "store decision", fmt.Errorf("destination %q: decisions changing too fast: %w", d.GetId(), errConflict))
 }
 
 func pause(actorName, reason string) func(*eventv1.Decision) *eventv1.Decision {
@@ -124,7 +125,7 @@ func (s *Server) tenantAction(ctx context.Context, action, tenant, reason string
 		return nil, err
 	}
 	if len(dests) == 0 {
-		return nil, status.Errorf(codes.NotFound, "tenant %q has no destinations", tenant)
+		return nil, toStatus(s.log, "tenant", fmt.Errorf("tenant %q has no destinations: %w", tenant, errNotFound))
 	}
 	var ids []string
 	for _, d := range dests {
@@ -217,14 +218,14 @@ func (s *Server) health(ctx context.Context, d *adminv1.Destination) (*adminv1.D
 	h.Decision = dec
 	n, oldest, err := parked.Stats(ctx, s.js, d.GetId())
 	if err != nil {
-		return nil, unavailable(s.log, "parked stats", err)
+		return nil, toStatus(s.log, "parked stats", err)
 	}
 	h.Parked = n
 	if !oldest.IsZero() {
 		h.OldestParked = timestamppb.New(oldest)
 	}
 	if h.PendingDelivery, h.InFlight, err = pending(ctx, s.js, d.GetId()); err != nil {
-		return nil, unavailable(s.log, "delivery stats", err)
+		return nil, toStatus(s.log, "delivery stats", err)
 	}
 	if h.PendingDelivery > 0 {
 		if at, err := oldestUndelivered(ctx, s.js, d.GetId()); err == nil {
@@ -314,7 +315,7 @@ func (s *Server) ReplayParked(ctx context.Context, req *adminv1.ReplayParkedRequ
 		if ctx.Err() != nil {
 			return nil, status.Errorf(codes.DeadlineExceeded, "replayed %d batches before the deadline; call again to continue", b)
 		}
-		return nil, unavailable(s.log, "replay", err)
+		return nil, toStatus(s.log, "replay", err)
 	}
 	return &adminv1.ReplayParkedResponse{Batches: b, Impressions: n}, nil
 }
@@ -333,7 +334,7 @@ func (s *Server) ExportParked(req *adminv1.ExportParkedRequest, stream grpc.Serv
 		if _, ok := status.FromError(err); ok {
 			return err
 		}
-		return unavailable(s.log, "export", err)
+		return toStatus(s.log, "export", err)
 	}
 	return ctx.Err()
 }
@@ -347,7 +348,7 @@ func (s *Server) PurgeParked(ctx context.Context, req *adminv1.PurgeParkedReques
 	}
 	s.record(ctx, "PurgeParked", tenant, []string{req.GetId()}, req.GetReason(), formatCount(n, -1), req.GetDryRun())
 	if err != nil {
-		return nil, unavailable(s.log, "purge", err)
+		return nil, toStatus(s.log, "purge", err)
 	}
 	return &adminv1.PurgeParkedResponse{Batches: n}, nil
 }
@@ -357,7 +358,7 @@ func (s *Server) WatchDecisions(req *adminv1.WatchDecisionsRequest, stream grpc.
 	ctx := stream.Context()
 	w, err := s.decisions.WatchAll(ctx, jetstream.UpdatesOnly())
 	if err != nil {
-		return unavailable(s.log, "watch decisions", err)
+		return toStatus(s.log, "watch decisions", err)
 	}
 	defer func() { _ = w.Stop() }()
 	for {
