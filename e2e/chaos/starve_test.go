@@ -6,6 +6,7 @@ package chaos
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sort"
 	"sync"
 	"testing"
@@ -47,7 +48,7 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 		t.Skip("cluster of nats-server processes")
 	}
 	c := cluster.Start(t, 3)
-	s, err := stack.Start(stack.Options{NATSURL: c.URLs(), Log: stack.TestLogger(t)})
+	s, err := stack.Start(stack.Options{NATSURL: c.URLs(), Log: stack.TestLoggerAt(t, slog.LevelWarn)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,7 +17,11 @@ const keptLogLines = 300
 // kept and, if the test fails, its last lines are printed with the failure,
 // so a red CI run shows what the services were doing. With
 // BULKHEAD_TEST_LOG set it also goes to stderr as it happens.
-func TestLogger(t testing.TB) *slog.Logger {
+func TestLogger(t testing.TB) *slog.Logger { return TestLoggerAt(t, slog.LevelInfo) }
+
+// TestLoggerAt is TestLogger keeping only records at level or above, for
+// long tests whose info lines would push the interesting ones out.
+func TestLoggerAt(t testing.TB, level slog.Level) *slog.Logger {
 	b := &lockedBuffer{}
 	var w io.Writer = b
 	if os.Getenv("BULKHEAD_TEST_LOG") != "" {
@@ -28,7 +32,7 @@ func TestLogger(t testing.TB) *slog.Logger {
 			t.Logf("services' log (last %d lines):\n%s", keptLogLines, b.tail(keptLogLines))
 		}
 	})
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }
 
 type lockedBuffer struct {

@@ -60,7 +60,10 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.IntVar(&d.Defaults.MaxBytes, "batch-max-bytes", d.Defaults.MaxBytes, "default body bytes per POST")
 	fs.DurationVar(&d.Defaults.Linger, "batch-linger", d.Defaults.Linger, "default wait for a partial batch")
 	fs.DurationVar(&d.DefaultTimeout, "request-timeout", 10*time.Second, "default bound on one POST")
-	fs.DurationVar(&d.AckWait, "ack-wait", time.Minute, "redelivery timeout of per-destination consumers")
+	// Short, with progress acks every third of it: a batch delivered to a
+	// deliverer that died, or lost in transit when a NATS node stalled, is
+	// redelivered after this, and nothing waits longer.
+	fs.DurationVar(&d.AckWait, "ack-wait", 15*time.Second, "redelivery timeout of per-destination consumers (held messages get progress acks every third of it)")
 	fs.IntVar(&d.MaxAckPending, "max-ack-pending", 2000, "messages one destination may hold unacknowledged")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 3*time.Second, "bound on one TCP connect or TLS handshake")
 	fs.Var(&c.AllowNets, "allow-nets", "CIDRs destinations may use although private, comma-separated (e.g. 127.0.0.0/8)")

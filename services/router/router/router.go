@@ -33,7 +33,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	c := &Config{}
 	c.Base.RegisterFlags(fs, "router", "127.0.0.1:7411")
 	fs.IntVar(&c.Fanout.Workers, "workers", 32, "batches routed concurrently")
-	fs.DurationVar(&c.Fanout.AckWait, "ack-wait", 30*time.Second, "redelivery timeout of an unacknowledged batch")
+	fs.DurationVar(&c.Fanout.AckWait, "ack-wait", 15*time.Second, "redelivery timeout of an unacknowledged batch (above publish-timeout)")
 	fs.IntVar(&c.Fanout.MaxAckPending, "max-ack-pending", 4096, "batches in flight across all router replicas")
 	fs.DurationVar(&c.Fanout.PublishTimeout, "publish-timeout", 10*time.Second, "bound on storing a batch's outputs")
 	fs.Float64Var(&c.Replay.Rate, "replay-rate", 50, "starting replay rate, batches per second")

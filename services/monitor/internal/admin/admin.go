@@ -287,7 +287,6 @@ func (s *Server) record(ctx context.Context, action, tenant string, ids []string
 	}
 }
 
-
 func formatCount(batches, impressions int64) string {
 	if impressions < 0 {
 		return fmt.Sprintf("%d batches", batches)
