@@ -61,9 +61,19 @@ func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.L
 // (its consumer deleted, say) is replaced: a router never stops routing
 // while it runs.
 func (r *Router) Run(ctx context.Context) error {
-	cons, err := r.ensureConsumer(ctx)
-	if err != nil {
-		return err
+	// On a fresh or recovering cluster creating the consumer can fail for a
+	// while (no meta leader yet); a router waits, it does not exit.
+	var cons jetstream.Consumer
+	for attempt := 0; cons == nil; attempt++ {
+		c, err := r.ensureConsumer(ctx)
+		if err == nil {
+			cons = c
+			break
+		}
+		r.log.Warn("router consumer not created yet; retrying", "err", err)
+		if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+			return nil
+		}
 	}
 	lagDone := make(chan struct{})
 	go func(cons jetstream.Consumer) {
