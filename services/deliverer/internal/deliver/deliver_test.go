@@ -125,7 +125,8 @@ func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destin
 	return d
 }
 
-// publish puts n routed batches of 5 impressions on imp.deliver.<dest>.
+// publish puts n routed batches of 5 impressions on imp.deliver.<dest>,
+// retrying each while a cluster is electing leaders after a fault.
 func (e *env) publish(dest string, n int) []string {
 	e.t.Helper()
 	subj, _ := topology.Deliver(dest)
@@ -138,12 +139,15 @@ func (e *env) publish(dest string, n int) []string {
 			b.Impressions = append(b.Impressions, &ingestv1.Impression{Key: k, Split: "s", Treatment: "on", Time: 1})
 		}
 		data, _ := proto.Marshal(b)
-		m := nats.NewMsg(subj)
-		m.Data = data
-		m.Header.Set(jetstream.MsgIDHeader, b.BatchId+"."+dest)
-		if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
-			e.t.Fatal(err)
-		}
+		poll.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
+			m := nats.NewMsg(subj)
+			m.Data = data
+			m.Header.Set(jetstream.MsgIDHeader, b.BatchId+"."+dest)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_, err := e.js.PublishMsg(ctx, m)
+			return err
+		})
 	}
 	return keys
 }

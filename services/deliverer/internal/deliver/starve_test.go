@@ -6,12 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 
-	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
@@ -52,7 +48,7 @@ func TestNoLaneStarves(t *testing.T) {
 	resumes := func(fault string) {
 		t.Helper()
 		for _, id := range dests {
-			sent += len(e.publishRetrying(id, 2))
+			sent += len(e.publish(id, 2))
 		}
 		start := time.Now()
 		poll.CheckFor(t, resumeWithin, 100*time.Millisecond, func() error {
@@ -89,33 +85,6 @@ func TestNoLaneStarves(t *testing.T) {
 		addDest()
 		resumes(fmt.Sprintf("destination %d created under load", i))
 	}
-}
-
-// publishRetrying publishes n batches for dest like publish, retrying each
-// while the cluster is electing leaders after a fault.
-func (e *env) publishRetrying(dest string, n int) []string {
-	e.t.Helper()
-	subj, _ := topology.Deliver(dest)
-	var keys []string
-	for range n {
-		b := &eventv1.Batch{BatchId: fmt.Sprintf("b%d", e.seq.Add(1)), TenantId: "t1", DestinationId: dest}
-		for j := range 5 {
-			k := fmt.Sprintf("%s-%s-%d", dest, b.BatchId, j)
-			keys = append(keys, k)
-			b.Impressions = append(b.Impressions, &ingestv1.Impression{Key: k, Split: "s", Treatment: "on", Time: 1})
-		}
-		data, _ := proto.Marshal(b)
-		poll.CheckFor(e.t, 60*time.Second, 200*time.Millisecond, func() error {
-			m := nats.NewMsg(subj)
-			m.Data = data
-			m.Header.Set(jetstream.MsgIDHeader, b.BatchId+"."+dest)
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			_, err := e.js.PublishMsg(ctx, m)
-			return err
-		})
-	}
-	return keys
 }
 
 // undelivered lists the destinations with messages still in DELIVERY.

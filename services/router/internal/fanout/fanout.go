@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
@@ -71,7 +72,7 @@ func (r *Router) Run(ctx context.Context) error {
 			break
 		}
 		r.log.Warn("router consumer not created yet; retrying", "err", err)
-		if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+		if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
 			return nil
 		}
 	}
@@ -120,7 +121,7 @@ func (r *Router) Run(ctx context.Context) error {
 			break
 		}
 		r.metrics.repulls.WithLabelValues("closed").Inc()
-		if !sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+		if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
 			break
 		}
 		if c, err := r.ensureConsumer(ctx); err == nil {
@@ -191,18 +192,6 @@ func (r *Router) consume(ctx context.Context, cons jetstream.Consumer, arrivals 
 		default:
 			arrivals <- arrival{msg: m, at: time.Now()}
 		}
-	}
-}
-
-// sleep waits for d and reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }
 
