@@ -193,7 +193,7 @@ func startServices(t *testing.T, urls string) *services {
 	log := stack.TestLogger(t)
 	base := func(user string) map[string]string {
 		return map[string]string{"nats-url": urls, "nats-user": user, "nats-password": password(user),
-			"metrics-addr": "", "stream-replicas": "3"}
+			"metrics-addr": ""}
 	}
 	with := func(m map[string]string, kv ...string) map[string]string {
 		for i := 0; i < len(kv); i += 2 {
@@ -204,7 +204,7 @@ func startServices(t *testing.T, urls string) *services {
 	ic := parse(t, ingest.Flags, with(base("ingest"), "api-keys", "key-t1=t1"))
 	rc := parse(t, router.Flags, base("router"))
 	dc := parse(t, deliverer.Flags, with(base("deliverer"), "allow-nets", "127.0.0.0/8", "retry-base", "100ms", "retry-max", "1s"))
-	mc := parse(t, monitor.Flags, with(base("monitor"), "allow-nets", "127.0.0.0/8",
+	mc := parse(t, monitor.Flags, with(base("monitor"), "stream-replicas", "3", "allow-nets", "127.0.0.0/8",
 		"admin-tokens", "admin:"+stack.AdminToken+":operator", "request-timeout", "2s"))
 	for _, v := range []interface{ Validate() error }{ic, rc, dc, mc} {
 		if err := v.Validate(); err != nil {
@@ -419,11 +419,12 @@ func TestServicesRunAsLeastPrivilegedUsers(t *testing.T) {
 	// Each user is refused what belongs to the others.
 	refused := map[string][]string{
 		"ingest": {"imp.deliver.x", "imp.parked.x", "$KV.destinations.x", "$JS.API.STREAM.DELETE.IMPRESSIONS",
+			"$JS.API.STREAM.UPDATE.PARKED", "$JS.API.STREAM.CREATE.IMPRESSIONS",
 			"$JS.API.STREAM.PURGE.IMPRESSIONS", "$JS.API.CONSUMER.CREATE.IMPRESSIONS.router.imp.in.>", "sub:imp.in.>"},
 		"router": {"imp.in.x", "imp.outcome.x", "imp.audit.x", "$KV.destinations.x", "$KV.quarantine.x",
-			"$JS.API.STREAM.DELETE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.deliver-x.imp.deliver.x", "sub:imp.>"},
+			"$JS.API.STREAM.DELETE.PARKED", "$JS.API.STREAM.UPDATE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.deliver-x.imp.deliver.x", "sub:imp.>"},
 		"deliverer": {"imp.in.x", "imp.deliver.x", "imp.audit.x", "$KV.quarantine.x", "$KV.leases.x",
-			"$JS.API.STREAM.MSG.DELETE.PARKED", "$JS.API.CONSUMER.CREATE.DELIVERY.all", "$JS.API.CONSUMER.DELETE.IMPRESSIONS.router"},
+			"$JS.API.STREAM.MSG.DELETE.PARKED", "$JS.API.STREAM.UPDATE.DELIVERY", "$JS.API.CONSUMER.CREATE.DELIVERY.all", "$JS.API.CONSUMER.DELETE.IMPRESSIONS.router"},
 		"monitor": {"imp.in.x", "imp.parked.x", "$JS.API.STREAM.DELETE.AUDIT", "$JS.API.STREAM.PURGE.PARKED",
 			"$JS.API.CONSUMER.CREATE.IMPRESSIONS.x.imp.in.>", "$JS.API.CONSUMER.MSG.NEXT.DELIVERY.deliver-ok"},
 	}

@@ -38,8 +38,11 @@ type Base struct {
 	LogLevel string
 	// ShutdownTimeout bounds the drain of in-flight work at shutdown.
 	ShutdownTimeout time.Duration
-	// Streams sizes the streams this service creates or updates at start-up.
-	// Every service applies it, so give every service the same values.
+	// OwnsStreams is set by RegisterStreamFlags: this service creates and
+	// updates the streams and buckets with Streams; every other service only
+	// waits for them to exist.
+	OwnsStreams bool
+	// Streams sizes the streams; used only by the owner.
 	Streams stream.Limits
 }
 
@@ -53,25 +56,41 @@ func (b *Base) RegisterFlags(fs *flag.FlagSet, name, metricsAddr string) {
 	fs.StringVar(&b.MetricsAddr, "metrics-addr", metricsAddr, "address for /metrics, /healthz and /debug/pprof (empty: off)")
 	fs.StringVar(&b.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&b.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "bound on draining in-flight work at shutdown")
+}
+
+// RegisterStreamFlags makes this service the owner of the streams'
+// configuration and adds its flags. One service (the monitor) calls it, so
+// the streams have one configuration, whatever flags the others start with.
+func (b *Base) RegisterStreamFlags(fs *flag.FlagSet) {
 	d := stream.DefaultLimits()
-	b.Streams = d
+	b.OwnsStreams, b.Streams = true, d
 	fs.IntVar(&b.Streams.Replicas, "stream-replicas", d.Replicas, "replicas of every stream and bucket (3 in a cluster)")
 	fs.Int64Var(&b.Streams.ImpressionsMaxBytes, "impressions-max-bytes", d.ImpressionsMaxBytes, "IMPRESSIONS stream size; when full, ingest refuses")
 	fs.Int64Var(&b.Streams.DeliveryMaxBytes, "delivery-max-bytes", d.DeliveryMaxBytes, "DELIVERY stream size; when full, routing waits")
 	fs.Int64Var(&b.Streams.ParkedMaxBytes, "parked-max-bytes", d.ParkedMaxBytes, "PARKED stream size; when full, routing waits and alarms")
 	fs.DurationVar(&b.Streams.ParkedMaxAge, "export-window", d.ParkedMaxAge, "how long parked impressions are kept for replay and export")
 	fs.DurationVar(&b.Streams.DedupWindow, "dedup-window", d.DedupWindow, "how long an idempotency key is remembered")
+	fs.BoolVar(&b.Streams.AllowShrink, "allow-stream-shrink", false, "let a smaller -*-max-bytes or -export-window shrink existing streams (deletes parked data older than the new window)")
 }
 
-// Connect connects to NATS and ensures the streams and buckets exist.
+// Connect connects to NATS. The owner of the streams then creates or
+// updates them (refusing to shrink one unless told to); every other service
+// waits until they exist, for as long as ctx lives.
 func (b Base) Connect(ctx context.Context, log *slog.Logger) (*nats.Conn, jetstream.JetStream, error) {
 	nc, js, err := natsconn.Connect(b.NATS, log)
 	if err != nil {
 		return nil, nil, err
 	}
-	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := stream.Ensure(ectx, js, b.Streams); err != nil {
+	if b.OwnsStreams {
+		ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		err = stream.Ensure(ectx, js, b.Streams)
+	} else {
+		err = stream.Await(ctx, js, func(missing string) {
+			log.Warn("waiting for the monitor to create the streams", "missing", missing)
+		})
+	}
+	if err != nil {
 		nc.Close()
 		return nil, nil, err
 	}

@@ -293,15 +293,24 @@ func TestBaseValidate(t *testing.T) {
 func TestRegisterFlagsDefaultsValidate(t *testing.T) {
 	var b Base
 	fs := flag.NewFlagSet("x", flag.ContinueOnError)
-	b.RegisterFlags(fs, "ingest", "127.0.0.1:0")
+	b.RegisterFlags(fs, "monitor", "127.0.0.1:0")
+	b.RegisterStreamFlags(fs)
 	if err := fs.Parse([]string{"-impressions-max-bytes", "4096", "-nats-password", "hunter2"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Validate(); err != nil {
 		t.Fatalf("defaults do not validate: %v", err)
 	}
-	if b.NATS.Name != "bulkhead-ingest" || b.Streams.ImpressionsMaxBytes != 4096 || b.Streams.Replicas != 1 {
+	if b.NATS.Name != "bulkhead-monitor" || !b.OwnsStreams || b.Streams.ImpressionsMaxBytes != 4096 || b.Streams.Replicas != 1 {
 		t.Errorf("flags gave %+v", b)
+	}
+	// A service that does not own the streams has no stream flags at all.
+	var other Base
+	ofs := flag.NewFlagSet("y", flag.ContinueOnError)
+	ofs.SetOutput(io.Discard)
+	other.RegisterFlags(ofs, "router", "127.0.0.1:0")
+	if err := ofs.Parse([]string{"-export-window", "1h"}); err == nil || other.OwnsStreams {
+		t.Errorf("a non-owner accepted -export-window (owns streams: %v)", other.OwnsStreams)
 	}
 	if s := b.LogValue().String(); strings.Contains(s, "hunter2") {
 		t.Errorf("LogValue leaks the password: %s", s)
@@ -311,7 +320,7 @@ func TestRegisterFlagsDefaultsValidate(t *testing.T) {
 func TestConnectEnsuresStreams(t *testing.T) {
 	s := natstest.RunJetStream(t)
 	b := Base{NATS: natsconn.Options{URL: s.ClientURL()}, LogLevel: "info", ShutdownTimeout: time.Second,
-		Streams: stream.Limits{ImpressionsMaxBytes: 1 << 20}}
+		OwnsStreams: true, Streams: stream.Limits{ImpressionsMaxBytes: 1 << 20}}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	log := slog.New(slog.DiscardHandler)

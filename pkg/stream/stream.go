@@ -1,6 +1,8 @@
 // Package stream declares Bulkhead's JetStream streams and KV buckets and
 // creates them idempotently, with explicit limits and "discard new" so a full
-// stream refuses producers instead of dropping accepted data.
+// stream refuses producers instead of dropping accepted data. One service
+// owns their configuration (Ensure); the others wait for them (Await), so no
+// service can shrink a stream by starting with other flags.
 package stream
 
 import (
@@ -36,7 +38,15 @@ type Limits struct {
 	DedupWindow time.Duration
 	// MaxConsumers on DELIVERY: one durable consumer per destination.
 	MaxConsumers int
+	// AllowShrink lets Ensure lower a stream's MaxBytes or MaxAge. Without
+	// it Ensure refuses (ErrShrink): a smaller MaxAge deletes older data at
+	// once, a smaller MaxBytes makes producers stall.
+	AllowShrink bool
 }
+
+// ErrShrink is returned by Ensure when the stored configuration of a stream
+// keeps more (bytes or age) than the one asked for and AllowShrink is off.
+var ErrShrink = errors.New("would shrink a stream")
 
 // DefaultLimits are sized for one machine.
 func DefaultLimits() Limits {
@@ -181,7 +191,7 @@ func Buckets(l Limits) []jetstream.KeyValueConfig {
 // same stream stall on a fresh clustered JetStream (deploy/README.md).
 func Ensure(ctx context.Context, js jetstream.JetStream, l Limits) error {
 	for _, cfg := range Streams(l) {
-		if err := retry(ctx, func(ctx context.Context) error { return ensureStream(ctx, js, cfg) }); err != nil {
+		if err := retry(ctx, func(ctx context.Context) error { return ensureStream(ctx, js, cfg, l.AllowShrink) }); err != nil {
 			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
 		}
 	}
@@ -193,7 +203,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, l Limits) error {
 	return nil
 }
 
-func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) error {
+func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, allowShrink bool) error {
 	s, err := js.Stream(ctx, cfg.Name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		_, err = js.CreateStream(ctx, cfg)
@@ -205,11 +215,28 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 	if err != nil {
 		return err
 	}
-	if same(s.CachedInfo().Config, cfg) {
+	have := s.CachedInfo().Config
+	if same(have, cfg) {
 		return nil
+	}
+	if err := shrinks(have, cfg); err != nil && !allowShrink {
+		return permanent{err}
 	}
 	_, err = js.UpdateStream(ctx, cfg)
 	return err
+}
+
+// shrinks reports how want keeps less than have: a lower MaxBytes or MaxAge
+// (0 meaning unlimited).
+func shrinks(have, want jetstream.StreamConfig) error {
+	lower := func(h, w int64) bool { return w > 0 && (h <= 0 || w < h) }
+	switch {
+	case lower(have.MaxBytes, want.MaxBytes):
+		return fmt.Errorf("%s max bytes %d -> %d: %w", want.Name, have.MaxBytes, want.MaxBytes, ErrShrink)
+	case lower(int64(have.MaxAge), int64(want.MaxAge)):
+		return fmt.Errorf("%s max age %v -> %v: %w", want.Name, have.MaxAge, want.MaxAge, ErrShrink)
+	}
+	return nil
 }
 
 // same reports whether the stored configuration already has what Streams sets.
@@ -234,16 +261,26 @@ func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.Key
 // errRace means another replica created the same stream or bucket first.
 var errRace = errors.New("created concurrently")
 
-// retry runs op with a short deadline per attempt until it succeeds or ctx
-// ends: a clustered JetStream may be electing leaders when services start.
+// permanent marks an error retry must not retry.
+type permanent struct{ error }
+
+func (p permanent) Unwrap() error { return p.error }
+
+// retry runs op with a short deadline per attempt until it succeeds, fails
+// permanently or ctx ends: a clustered JetStream may be electing leaders
+// when services start.
 func retry(ctx context.Context, op func(context.Context) error) error {
 	var err error
 	for attempt := 0; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err = op(actx)
 		cancel()
+		var p permanent
 		if err == nil {
 			return nil
+		}
+		if errors.As(err, &p) {
+			return p.error
 		}
 		select {
 		case <-ctx.Done():
@@ -251,6 +288,35 @@ func retry(ctx context.Context, op func(context.Context) error) error {
 		case <-time.After(min(100*time.Millisecond<<min(attempt, 5), 2*time.Second)):
 		}
 	}
+}
+
+// Await returns once every stream and bucket exists, as created by the
+// service that owns them (Ensure), or when ctx ends. Services that do not
+// own the configuration call it instead of Ensure, so they never change it;
+// waiting logs through waiting every so often.
+func Await(ctx context.Context, js jetstream.JetStream, waiting func(missing string)) error {
+	var names []string
+	for _, cfg := range Streams(Limits{}) {
+		names = append(names, cfg.Name)
+	}
+	for _, b := range Buckets(Limits{}) {
+		names = append(names, "KV_"+b.Bucket)
+	}
+	last := time.Time{}
+	for _, name := range names {
+		err := retry(ctx, func(ctx context.Context) error {
+			_, err := js.Stream(ctx, name)
+			if err != nil && waiting != nil && time.Since(last) > 5*time.Second {
+				last = time.Now()
+				waiting(name)
+			}
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("await stream %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // IsFull reports whether err is JetStream refusing a message because a

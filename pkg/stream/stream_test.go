@@ -2,6 +2,7 @@ package stream
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -86,14 +87,71 @@ func TestConcurrentEnsure(t *testing.T) {
 		}
 	}
 	// A changed limit is applied to the existing stream.
-	if err := Ensure(ctx, js, Limits{ParkedMaxAge: time.Hour}); err != nil {
+	if err := Ensure(ctx, js, Limits{ParkedMaxAge: 10 * 24 * time.Hour}); err != nil {
 		t.Fatal(err)
 	}
 	s, err := js.Stream(ctx, topology.StreamParked)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := s.CachedInfo().Config.MaxAge; got != time.Hour {
-		t.Errorf("PARKED max age %v after Ensure with 1h", got)
+	if got := s.CachedInfo().Config.MaxAge; got != 10*24*time.Hour {
+		t.Errorf("PARKED max age %v after Ensure with 240h", got)
+	}
+}
+
+// TestEnsureNeverShrinksUnasked starts "a service" with a shorter export
+// window and a smaller PARKED: Ensure refuses, and the parked data's
+// retention is unchanged; with AllowShrink the owner may lower them.
+func TestEnsureNeverShrinksUnasked(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := Ensure(ctx, js, Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []Limits{{ParkedMaxAge: time.Hour}, {ParkedMaxBytes: 1 << 20}} {
+		if err := Ensure(ctx, js, l); !errors.Is(err, ErrShrink) {
+			t.Fatalf("Ensure(%+v) = %v, want ErrShrink", l, err)
+		}
+	}
+	s, err := js.Stream(ctx, topology.StreamParked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.CachedInfo().Config; got.MaxAge != DefaultLimits().ParkedMaxAge || got.MaxBytes != DefaultLimits().ParkedMaxBytes {
+		t.Fatalf("PARKED changed to max age %v, max bytes %d", got.MaxAge, got.MaxBytes)
+	}
+	// Growing needs no permission; shrinking needs AllowShrink.
+	if err := Ensure(ctx, js, Limits{ParkedMaxAge: 30 * 24 * time.Hour}); err != nil {
+		t.Fatalf("growing the export window: %v", err)
+	}
+	if err := Ensure(ctx, js, Limits{ParkedMaxAge: time.Hour, AllowShrink: true}); err != nil {
+		t.Fatalf("shrinking with AllowShrink: %v", err)
+	}
+}
+
+// TestAwaitWaitsForTheOwner: a service that does not own the streams waits
+// until the owner has created them, and changes nothing.
+func TestAwaitWaitsForTheOwner(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- Await(ctx, js, nil) }()
+	select {
+	case err := <-done:
+		t.Fatalf("Await returned before any stream existed: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if err := Ensure(ctx, js, Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Await: %v", err)
+	}
+	short, scancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer scancel()
+	if err := Await(short, js, nil); err != nil {
+		t.Fatalf("Await with everything there: %v", err)
 	}
 }

@@ -118,7 +118,7 @@ func Start(opts Options) (*Stack, error) {
 	}
 	allow := "127.0.0.0/8,::1/128"
 	base := func(extra map[string]string) map[string]string {
-		extra["nats-url"], extra["metrics-addr"], extra["stream-replicas"] = url, "", replicas
+		extra["nats-url"], extra["metrics-addr"] = url, ""
 		return extra
 	}
 
@@ -127,7 +127,8 @@ func Start(opts Options) (*Stack, error) {
 		Router: parse(router.Flags, base(map[string]string{})),
 		Deliverer: parse(deliverer.Flags, base(map[string]string{"allow-nets": allow,
 			"retry-base": "100ms", "retry-max": "2s"})),
-		Monitor: parse(monitor.Flags, base(map[string]string{"allow-nets": allow,
+		// The monitor owns the streams; the others wait for them.
+		Monitor: parse(monitor.Flags, base(map[string]string{"stream-replicas": replicas, "allow-nets": allow,
 			"admin-tokens":    "admin:" + AdminToken + ":operator,viewer:" + ViewerToken + ":read",
 			"request-timeout": "2s", "probe-initial": "500ms", "probe-max": "4s"})),
 	}

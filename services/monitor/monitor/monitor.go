@@ -46,6 +46,7 @@ type Config struct {
 func Flags(fs *flag.FlagSet) *Config {
 	c := &Config{}
 	c.Base.RegisterFlags(fs, "monitor", "127.0.0.1:7413")
+	c.Base.RegisterStreamFlags(fs) // the monitor owns the streams' configuration
 	fs.StringVar(&c.AdminAddr, "admin-addr", "127.0.0.1:7401", "address of the AdminService")
 	fs.Var(&c.AdminTokens, "admin-tokens", "comma-separated name:token:role triples, role read or operator")
 	fs.Var(&c.AllowNets, "allow-nets", "CIDRs destinations may use although private, comma-separated (e.g. 127.0.0.0/8)")
