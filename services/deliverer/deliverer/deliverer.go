@@ -17,7 +17,6 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/deliver"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
@@ -43,7 +42,6 @@ func Flags(fs *flag.FlagSet) *Config {
 	d := &c.Deliver
 	d.Schedule = schedule.DefaultConfig()
 	d.Retry = retry.DefaultPolicy()
-	d.Defaults = batch.DefaultLimits()
 	// Workers are goroutines waiting on sockets, cheap; what matters is that
 	// failing destinations × their in-flight cap stays well below the pool.
 	fs.IntVar(&d.Workers, "workers", 512, "shared pool of POSTing workers")
@@ -56,10 +54,6 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.IntVar(&d.Retry.MaxAttempts, "retry-attempts", d.Retry.MaxAttempts, "attempts before a batch is parked")
 	fs.DurationVar(&d.Retry.MaxAge, "retry-max-age", d.Retry.MaxAge, "age after which a failing batch is parked")
 	fs.Float64Var(&d.RetryShare, "retry-share", 0.5, "share of the workers retries may occupy at once (the rest is kept for fresh traffic)")
-	fs.IntVar(&d.Defaults.MaxImpressions, "batch-max-impressions", 500, "default impressions per POST")
-	fs.IntVar(&d.Defaults.MaxBytes, "batch-max-bytes", d.Defaults.MaxBytes, "default body bytes per POST")
-	fs.DurationVar(&d.Defaults.Linger, "batch-linger", d.Defaults.Linger, "default wait for a partial batch")
-	fs.DurationVar(&d.DefaultTimeout, "request-timeout", 10*time.Second, "default bound on one POST")
 	// Short, with progress acks every third of it: a batch delivered to a
 	// deliverer that died, or lost in transit when a NATS node stalled, is
 	// redelivered after this, and nothing waits longer.
@@ -90,11 +84,8 @@ func (c *Config) Validate() error {
 	if err := d.Retry.Validate(); err != nil {
 		return err
 	}
-	if err := d.Defaults.Validate(); err != nil {
-		return err
-	}
-	if d.DefaultTimeout <= 0 || c.ConnectTimeout <= 0 {
-		return errors.New("request-timeout and connect-timeout must be positive")
+	if c.ConnectTimeout <= 0 {
+		return errors.New("connect-timeout must be positive")
 	}
 	if d.RetryShare <= 0 || d.RetryShare > 1 {
 		return errors.New("retry-share: want more than 0 and at most 1")

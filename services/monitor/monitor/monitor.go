@@ -8,10 +8,10 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
 	"net"
 	"strconv"
-	"time"
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
@@ -65,14 +65,22 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
 	fs.DurationVar(&c.Engine.StallAfter, "stall-after", engine.DefaultStallAfter, "report a destination stalled when its DELIVERY backlog has not moved this long (at least 3 request timeouts)")
 	fs.StringVar(&c.Engine.Holder, "replica-id", service.ReplicaID(), "this replica's name in the leadership lease")
-	c.Defaults = admin.Defaults{MaxBatchImpressions: 500, MaxBatchBytes: 1 << 20, Linger: 200 * time.Millisecond, Timeout: 10 * time.Second, ReplayRate: 500}
-	fs.Func("batch-max-impressions", "default impressions per POST for new destinations (500)", func(s string) error {
+	// The destination defaults live in registry; these flags change what
+	// the admin API stores into new destinations.
+	c.Defaults = admin.Defaults{Destination: registry.DefaultDestination(), ReplayRate: 500}
+	dd := &c.Defaults.Destination
+	fs.Func("batch-max-impressions", fmt.Sprintf("default impressions per POST for new destinations (%d)", dd.MaxBatchImpressions), func(s string) error {
 		n, err := strconv.ParseInt(s, 10, 32)
-		c.Defaults.MaxBatchImpressions = int32(n)
+		dd.MaxBatchImpressions = int32(n)
 		return err
 	})
-	fs.DurationVar(&c.Defaults.Linger, "batch-linger", c.Defaults.Linger, "default linger for new destinations")
-	fs.DurationVar(&c.Defaults.Timeout, "request-timeout", c.Defaults.Timeout, "default request timeout for new destinations")
+	fs.Func("batch-max-bytes", fmt.Sprintf("default body bytes per POST for new destinations (%d)", dd.MaxBatchBytes), func(s string) error {
+		n, err := strconv.ParseInt(s, 10, 32)
+		dd.MaxBatchBytes = int32(n)
+		return err
+	})
+	fs.DurationVar(&dd.Linger, "batch-linger", dd.Linger, "default linger for new destinations")
+	fs.DurationVar(&dd.Timeout, "request-timeout", dd.Timeout, "default request timeout for new destinations")
 	fs.Float64Var(&c.Defaults.ReplayRate, "replay-rate", c.Defaults.ReplayRate, "ReplayParked's rate (batches/s) when the caller gives none")
 	return c
 }
@@ -96,7 +104,7 @@ func (c *Config) Validate() error {
 	if c.Engine.Holder == "" {
 		return errors.New("replica-id is required")
 	}
-	if c.Defaults.MaxBatchImpressions < 1 || c.Defaults.Timeout <= 0 || c.Defaults.ReplayRate <= 0 {
+	if dd := c.Defaults.Destination; dd.MaxBatchImpressions < 1 || dd.MaxBatchBytes < 1 || dd.Linger < 0 || dd.Timeout <= 0 || c.Defaults.ReplayRate <= 0 {
 		return errors.New("destination defaults must be positive")
 	}
 	return c.Engine.Policy.Validate()

@@ -39,12 +39,6 @@ type Limits struct {
 	Linger time.Duration
 }
 
-// DefaultLimits returns the limits the deliverer uses unless configured: 5,000
-// impressions, 1 MiB, 200ms.
-func DefaultLimits() Limits {
-	return Limits{MaxImpressions: 5000, MaxBytes: 1 << 20, Linger: 200 * time.Millisecond}
-}
-
 // Validate returns an error wrapping ErrInvalidLimits when l cannot be used.
 // A zero Linger is valid: every batch is due as soon as it holds an item.
 func (l Limits) Validate() error {

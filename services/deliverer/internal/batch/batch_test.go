@@ -30,7 +30,7 @@ func TestValidate(t *testing.T) {
 		l    Limits
 		ok   bool
 	}{
-		{"default", DefaultLimits(), true},
+		{"default", testLimits(), true},
 		{"no linger", Limits{MaxImpressions: 1, MaxBytes: 1}, true},
 		{"zero impressions", Limits{MaxBytes: 1}, false},
 		{"zero bytes", Limits{MaxImpressions: 1}, false},
@@ -150,7 +150,7 @@ func TestBuilderLimits(t *testing.T) {
 }
 
 func TestBuilderRejectsNegativeSizes(t *testing.T) {
-	b := newBuilder(t, DefaultLimits())
+	b := newBuilder(t, testLimits())
 	for _, it := range []Item[int]{item("a", -1, 0), item("b", 0, -1)} {
 		if err := b.Add(it, t0); !errors.Is(err, ErrInvalidItem) {
 			t.Fatalf("Add(%+v) = %v, want ErrInvalidItem", it, err)
@@ -199,13 +199,13 @@ func TestBuilderLinger(t *testing.T) {
 	if !b.Due(t0) {
 		t.Fatal("full batch is not due")
 	}
-	if z := newBuilder(t, DefaultLimits()).Take(); z.ID != "" || z.Items != nil {
+	if z := newBuilder(t, testLimits()).Take(); z.ID != "" || z.Items != nil {
 		t.Fatalf("Take() on empty builder = %+v, want zero", z)
 	}
 }
 
 func TestTakeHandsOverItems(t *testing.T) {
-	b := newBuilder(t, DefaultLimits())
+	b := newBuilder(t, testLimits())
 	mustAdd(t, b, Item[int]{ID: "a", Value: 1}, t0)
 	first := b.Take()
 	mustAdd(t, b, Item[int]{ID: "b", Value: 2}, t0)
@@ -268,7 +268,7 @@ func TestWebhookID(t *testing.T) {
 func BenchmarkBuilder(b *testing.B) {
 	// 16 KiB messages of 100 impressions into the default limits: 50 messages
 	// (limited by impressions) per batch, as in the measured floor relay.
-	bl := newBuilder(b, DefaultLimits())
+	bl := newBuilder(b, testLimits())
 	ids := make([]string, 1000)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("imp.deliver.dest-%d:%d", i%7, i)
@@ -296,4 +296,9 @@ func BenchmarkWebhookID(b *testing.B) {
 			}
 		})
 	}
+}
+
+// testLimits are roomy limits for tests that are not about limits.
+func testLimits() Limits {
+	return Limits{MaxImpressions: 5000, MaxBytes: 1 << 20, Linger: 200 * time.Millisecond}
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
@@ -34,10 +35,6 @@ type Config struct {
 	Schedule schedule.Config
 	// Retry bounds retries of one batch before it is parked.
 	Retry retry.Policy
-	// Defaults apply to destinations that leave a limit unset.
-	Defaults batch.Limits
-	// DefaultTimeout bounds a request when the destination sets none.
-	DefaultTimeout time.Duration
 	// AckWait is the redelivery timeout of the per-destination consumers;
 	// held messages are kept alive with progress acks well within it.
 	AckWait time.Duration
@@ -73,9 +70,6 @@ type Deliverer struct {
 // New returns a deliverer serving the destinations of view; call Run.
 func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Deliverer, error) {
 	if err := cfg.Retry.Validate(); err != nil {
-		return nil, err
-	}
-	if err := cfg.Defaults.Validate(); err != nil {
 		return nil, err
 	}
 	if cfg.LagInterval <= 0 {
@@ -272,26 +266,21 @@ func (d *Deliverer) oldestUndelivered(ctx context.Context, l *lane, info *jetstr
 	return time.Since(m.Time)
 }
 
-// limits returns the batch limits of a destination, with defaults.
+// limits returns the batch limits of a destination. The admin API stores
+// every limit; a record without one gets registry's defaults, the same
+// values the admin API would have filled in.
 func (d *Deliverer) limits(dest *adminv1.Destination) batch.Limits {
-	l := d.cfg.Defaults
-	if n := dest.GetMaxBatchImpressions(); n > 0 {
-		l.MaxImpressions = int(n)
-	}
-	if n := dest.GetMaxBatchBytes(); n > 0 {
-		l.MaxBytes = int(n)
-	}
-	if dest.GetLinger() != nil {
-		l.Linger = dest.GetLinger().AsDuration()
-	}
-	return l
+	full := proto.Clone(dest).(*adminv1.Destination)
+	registry.DefaultDestination().Fill(full)
+	return batch.Limits{MaxImpressions: int(full.GetMaxBatchImpressions()), MaxBytes: int(full.GetMaxBatchBytes()), Linger: full.GetLinger().AsDuration()}
 }
 
+// timeout bounds one POST to dest.
 func (d *Deliverer) timeout(dest *adminv1.Destination) time.Duration {
 	if t := dest.GetTimeout().AsDuration(); t > 0 {
 		return t
 	}
-	return d.cfg.DefaultTimeout
+	return registry.DefaultDestination().Timeout
 }
 
 // secrets returns the destination's signing keys (both during a rotation).

@@ -32,7 +32,6 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/batch"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
 )
@@ -53,8 +52,7 @@ func testConfig() Config {
 	p.Base, p.Max = 20*time.Millisecond, 200*time.Millisecond
 	return Config{
 		Workers: 4, Schedule: schedule.DefaultConfig(), Retry: p,
-		Defaults:       batch.Limits{MaxImpressions: 100, MaxBytes: 1 << 20, Linger: 20 * time.Millisecond},
-		DefaultTimeout: 2 * time.Second, AckWait: 10 * time.Second, MaxAckPending: 1000, RetryShare: 0.5,
+		AckWait: 10 * time.Second, MaxAckPending: 1000, RetryShare: 0.5,
 	}
 }
 
@@ -110,7 +108,9 @@ func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destin
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	d := &adminv1.Destination{Id: id, TenantId: "t1", Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(timeout)}
+	// Stored with its limits, as the admin API stores every destination.
+	d := &adminv1.Destination{Id: id, TenantId: "t1", Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(timeout),
+		MaxBatchImpressions: 100, MaxBatchBytes: 1 << 20, Linger: durationpb.New(20 * time.Millisecond)}
 	b, err := registry.Encode(d)
 	if err != nil {
 		e.t.Fatal(err)

@@ -168,9 +168,9 @@ func (l *lane) run(ctx context.Context) {
 	b, err := batch.NewBuilder[routed](limits)
 	if err != nil {
 		// Limits are validated where they are stored; fall back to the
-		// deliverer's defaults rather than leave the destination unserved.
+		// defaults rather than leave the destination unserved.
 		l.d.log.Error("batch limits; using defaults", "destination", l.id, "err", err)
-		if b, err = batch.NewBuilder[routed](l.d.cfg.Defaults); err != nil {
+		if b, err = batch.NewBuilder[routed](l.d.limits(&adminv1.Destination{})); err != nil {
 			l.d.log.Error("default batch limits", "destination", l.id, "err", err)
 			return
 		}

@@ -16,7 +16,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/bulkhead-io/bulkhead/pkg/audit"
@@ -29,13 +28,11 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
-// Defaults fill a destination's unset limits, so what is stored (and shown)
-// is what the deliverer applies.
+// Defaults are what the admin API fills in when a caller leaves it unset.
 type Defaults struct {
-	MaxBatchImpressions int32
-	MaxBatchBytes       int32
-	Linger              time.Duration
-	Timeout             time.Duration
+	// Destination fills a destination's unset limits, so what is stored
+	// (and shown) is what the deliverer applies.
+	Destination registry.DestinationDefaults
 	// ReplayRate is ReplayParked's rate when the caller gives none.
 	ReplayRate float64
 }
@@ -122,20 +119,7 @@ func (s *Server) check(d *adminv1.Destination) error {
 	return nil
 }
 
-func (s *Server) fill(d *adminv1.Destination) {
-	if d.GetMaxBatchImpressions() == 0 {
-		d.MaxBatchImpressions = s.defaults.MaxBatchImpressions
-	}
-	if d.GetMaxBatchBytes() == 0 {
-		d.MaxBatchBytes = s.defaults.MaxBatchBytes
-	}
-	if d.GetLinger() == nil {
-		d.Linger = durationpb.New(s.defaults.Linger)
-	}
-	if d.GetTimeout() == nil || d.GetTimeout().AsDuration() == 0 {
-		d.Timeout = durationpb.New(s.defaults.Timeout)
-	}
-}
+func (s *Server) fill(d *adminv1.Destination) { s.defaults.Destination.Fill(d) }
 
 // load returns the stored destination and its KV revision.
 func (s *Server) load(ctx context.Context, id string) (*adminv1.Destination, uint64, error) {

@@ -70,9 +70,8 @@ func start(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := admin.New(ctx, js, policy, tokens, admin.Defaults{
-		MaxBatchImpressions: 500, MaxBatchBytes: 1 << 20, Linger: 200 * time.Millisecond, Timeout: 10 * time.Second, ReplayRate: 1000,
-	}, nil, slog.New(slog.DiscardHandler))
+	srv, err := admin.New(ctx, js, policy, tokens, admin.Defaults{Destination: registry.DefaultDestination(), ReplayRate: 1000},
+		nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
