@@ -24,7 +24,7 @@ import (
 // Park stores b in PARKED for its destination with the reason. msgID makes a
 // repeated park of the same batch (after a crash between park and ack) a
 // no-op within the stream's duplicate window.
-func Park(ctx context.Context, js jetstream.JetStream, b *eventv1.Batch, reason string, attempts int32, msgID string) error {
+func Park(ctx context.Context, js jetstream.JetStream, b *eventv1.Batch, reason Reason, attempts int32, msgID string) error {
 	m, err := NewMsg(b, reason, attempts, msgID)
 	if err != nil {
 		return err
@@ -40,13 +40,13 @@ func Park(ctx context.Context, js jetstream.JetStream, b *eventv1.Batch, reason 
 // the park fields only while marshalling rather than cloning b: a parked batch
 // carries up to a thousand impressions, and a quarantined destination's whole
 // traffic comes through here.
-func NewMsg(b *eventv1.Batch, reason string, attempts int32, msgID string) (*nats.Msg, error) {
+func NewMsg(b *eventv1.Batch, reason Reason, attempts int32, msgID string) (*nats.Msg, error) {
 	subj, err := topology.Parked(b.GetDestinationId())
 	if err != nil {
 		return nil, err
 	}
 	oldReason, oldAttempts, oldAt := b.ParkReason, b.Attempts, b.ParkedAt
-	b.ParkReason, b.Attempts, b.ParkedAt = reason, attempts, timestamppb.Now()
+	b.ParkReason, b.Attempts, b.ParkedAt = reason.String(), attempts, timestamppb.Now()
 	data, err := proto.Marshal(b)
 	b.ParkReason, b.Attempts, b.ParkedAt = oldReason, oldAttempts, oldAt
 	if err != nil {

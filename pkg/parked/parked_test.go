@@ -51,7 +51,7 @@ func park(t *testing.T, ctx context.Context, js jetstream.JetStream, dest, prefi
 	var out []string
 	for i := range n {
 		id := prefix + strconv.Itoa(i)
-		if err := Park(ctx, js, batch(dest, id, 2), "quarantined", 3, "park-"+dest+"-"+id); err != nil {
+		if err := Park(ctx, js, batch(dest, id, 2), Reason{Class: Quarantined}, 3, "park-"+dest+"-"+id); err != nil {
 			t.Fatalf("Park %s: %v", id, err)
 		}
 		out = append(out, id)
@@ -84,7 +84,7 @@ func TestParkStoresReasonAndDedupes(t *testing.T) {
 	b := batch("d1", "b1", 3)
 	for range 2 {
 		// A repeated park (crash between park and ack) is stored once.
-		if err := Park(ctx, js, b, "HTTP 400", 4, "same-id"); err != nil {
+		if err := Park(ctx, js, b, Because(Rejected, "HTTP 400"), 4, "same-id"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -99,7 +99,7 @@ func TestParkStoresReasonAndDedupes(t *testing.T) {
 	if got.GetParkReason() != "HTTP 400" || got.GetAttempts() != 4 || got.GetParkedAt() == nil || len(got.GetImpressions()) != 3 {
 		t.Errorf("parked batch = %v", got)
 	}
-	if err := Park(ctx, js, batch("a.b", "b2", 1), "x", 0, "id2"); !errors.Is(err, topology.ErrInvalidID) {
+	if err := Park(ctx, js, batch("a.b", "b2", 1), Reason{Class: Paused}, 0, "id2"); !errors.Is(err, topology.ErrInvalidID) {
 		t.Errorf("Park with invalid destination: %v, want ErrInvalidID", err)
 	}
 }
@@ -330,7 +330,7 @@ func TestReplayBounds(t *testing.T) {
 					*calls++
 					if *calls == 1 {
 						// A lagging router parks a new batch mid-replay.
-						if err := Park(ctx, js, batch("d1", "late", 1), "paused", 0, "late"); err != nil {
+						if err := Park(ctx, js, batch("d1", "late", 1), Reason{Class: Paused}, 0, "late"); err != nil {
 							panic(err)
 						}
 					}

@@ -3,7 +3,6 @@ package deliver
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -58,7 +57,7 @@ type lane struct {
 	mu      sync.Mutex
 	dest    *adminv1.Destination
 	secrets [][]byte
-	hold    string // park reason while the destination must not receive traffic
+	hold    parked.Class // why the destination must not receive traffic now; 0 while it may
 	state   eventv1.State
 	deleted bool
 	owned   map[uint64]owned // by stream sequence
@@ -110,30 +109,27 @@ func (l *lane) setDeleted() {
 func (l *lane) update() {
 	l.mu.Lock()
 	was := l.hold
+	c, held := registry.Hold(l.dest, l.state)
 	switch {
 	case l.deleted:
-		l.hold = "destination deleted"
-	case !l.dest.GetEnabled():
-		l.hold = "destination disabled"
-	case l.state == eventv1.State_STATE_PAUSED:
-		l.hold = "paused"
-	case registry.Held(l.state):
-		l.hold = "quarantined"
+		l.hold = parked.Deleted
+	case held:
+		l.hold = c
 	case l.secrets == nil:
-		l.hold = "destination has no usable secret"
+		l.hold = parked.NoSecret
 	default:
-		l.hold = ""
+		l.hold = 0
 	}
 	now := l.hold
 	l.mu.Unlock()
-	if now != "" && was == "" {
+	if now != 0 && was == 0 {
 		jobs := l.d.sched.Drain(l.id)
 		// Refused only at shutdown: the jobs' messages are still owned, and
 		// handBack returns them.
 		if len(jobs) > 0 {
 			l.d.group.Go(func() {
 				for _, j := range jobs {
-					l.park(j, now)
+					l.park(j, parked.Reason{Class: now})
 				}
 			})
 		}
@@ -144,10 +140,12 @@ func (l *lane) update() {
 	}
 }
 
-func (l *lane) holding() string {
+// holding returns why the lane holds its traffic, and false while it does
+// not.
+func (l *lane) holding() (parked.Reason, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.hold
+	return parked.Reason{Class: l.hold}, l.hold != 0
 }
 
 // request returns what a POST needs from the destination's current settings.
@@ -299,7 +297,7 @@ func (l *lane) consume(ctx context.Context, b *batch.Builder[routed]) ending {
 		if draining {
 			continue
 		}
-		if reason := l.holding(); reason != "" {
+		if reason, held := l.holding(); held {
 			// Whatever was waiting for company goes to PARKED now.
 			if b.Len() > 0 {
 				l.park(&job{lane: l, batch: b.Take()}, reason)
@@ -364,7 +362,7 @@ func (l *lane) accept(m jetstream.Msg) (routed, bool) {
 }
 
 func (l *lane) add(ctx context.Context, b *batch.Builder[routed], r routed) {
-	if reason := l.holding(); reason != "" {
+	if reason, held := l.holding(); held {
 		l.park(&job{lane: l, batch: batch.Batch[routed]{Items: []batch.Item[routed]{item(r)}}}, reason)
 		return
 	}
@@ -401,7 +399,7 @@ func (l *lane) push(ctx context.Context, b batch.Batch[routed]) {
 		case err == nil:
 			return
 		case errors.Is(err, schedule.ErrLaneFull):
-			if reason := l.holding(); reason != "" {
+			if reason, held := l.holding(); held {
 				l.park(j, reason)
 				return
 			}
@@ -420,7 +418,7 @@ func (l *lane) push(ctx context.Context, b batch.Batch[routed]) {
 // park stores every message of j in PARKED with reason, then acknowledges it.
 // A message that cannot be parked (PARKED full, NATS away) is handed back
 // with a delay and parked again later; it is never dropped.
-func (l *lane) park(j *job, reason string) {
+func (l *lane) park(j *job, reason parked.Reason) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, it := range j.batch.Items {
@@ -435,7 +433,7 @@ func (l *lane) park(j *job, reason string) {
 			_ = r.msg.NakWithDelay(5 * time.Second)
 			continue
 		}
-		l.d.metrics.parked.WithLabelValues(l.id, reasonClass(reason)).Add(float64(len(r.batch.GetImpressions())))
+		l.d.metrics.parked.WithLabelValues(l.id, reason.Class.String()).Add(float64(len(r.batch.GetImpressions())))
 		l.ack(r)
 	}
 }
@@ -556,7 +554,7 @@ func (l *lane) backlogEmpty(ctx context.Context) bool {
 // remove deletes the consumer of a deleted destination and its lane.
 func (l *lane) remove(ctx context.Context) {
 	for _, j := range l.d.sched.Remove(l.id) {
-		l.park(j, "destination deleted")
+		l.park(j, parked.Reason{Class: parked.Deleted})
 	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -567,18 +565,7 @@ func (l *lane) remove(ctx context.Context) {
 	l.d.log.Info("destination removed", "destination", l.id)
 }
 
-// reasonClass keeps the metric's label set small.
-func reasonClass(reason string) string {
-	switch reason {
-	case "quarantined", "paused", "destination disabled", "destination deleted":
-		return reason
-	}
-	if len(reason) > 5 && reason[:5] == "HTTP " {
-		return "rejected"
-	}
-	return "retries exhausted"
-}
-
-func describe(attempts int, err error) string {
-	return fmt.Sprintf("retries exhausted after %d attempts: %v", attempts, err)
+// exhausted is the reason of a batch whose retries ran out.
+func exhausted(attempts int, err error) parked.Reason {
+	return parked.Because(parked.Exhausted, "retries exhausted after %d attempts: %v", attempts, err)
 }

@@ -2,7 +2,6 @@ package deliver
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -11,6 +10,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
@@ -27,7 +27,7 @@ func (d *Deliverer) work() {
 		}
 		j := t.Item
 		l := j.lane
-		if reason := l.holding(); reason != "" {
+		if reason, held := l.holding(); held {
 			l.park(j, reason)
 			d.sched.Done(t, schedule.Neutral)
 			continue
@@ -80,7 +80,7 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 		}
 		body, err := webhook.EncodeBody(imps)
 		if err != nil {
-			l.park(j, "unencodable batch: "+err.Error())
+			l.park(j, parked.Because(parked.Unencodable, "unencodable batch: %v", err))
 			return schedule.Neutral
 		}
 		j.body = body
@@ -104,16 +104,16 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 		d.metrics.delivered.WithLabelValues(l.id).Add(float64(j.batch.Impressions))
 		return schedule.OK
 	case res.Gone:
-		l.park(j, fmt.Sprintf("HTTP %d: destination gone; disabled", res.Status))
+		l.park(j, parked.Because(parked.Disabled, "HTTP %d: destination gone; disabled", res.Status))
 		d.disable(dest, "410 Gone")
 		return schedule.Neutral
 	case res.Permanent():
-		l.park(j, fmt.Sprintf("HTTP %d: %v", res.Status, res.Err))
+		l.park(j, parked.Because(parked.Rejected, "HTTP %d: %v", res.Status, res.Err))
 		return schedule.Neutral
 	}
 	delay := d.cfg.Retry.Delay(j.attempt, res.RetryAfter, nil)
 	if d.cfg.Retry.Exhausted(j.attempt, j.first, time.Now().Add(delay)) {
-		l.park(j, describe(j.attempt, res.Err))
+		l.park(j, exhausted(j.attempt, res.Err))
 		return schedule.Failure
 	}
 	d.metrics.retries.WithLabelValues(l.id).Inc()
@@ -125,7 +125,7 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 // tries again shortly; when the lane holds traffic the batch is parked.
 func (d *Deliverer) requeue(j *job) {
 	l := j.lane
-	if reason := l.holding(); reason != "" {
+	if reason, held := l.holding(); held {
 		l.park(j, reason)
 		return
 	}

@@ -598,7 +598,7 @@ func parkSome(t *testing.T, js jetstream.JetStream, dest string, n int) []string
 		b := &eventv1.Batch{BatchId: id, TenantId: "t1", DestinationId: dest, Impressions: []*ingestv1.Impression{
 			{Key: "u1", Split: "s", Treatment: "on", Time: 1}, {Key: "u2", Split: "s", Treatment: "off", Time: 2},
 		}}
-		if err := parked.Park(context.Background(), js, b, "quarantined", 0, id); err != nil {
+		if err := parked.Park(context.Background(), js, b, parked.Reason{Class: parked.Quarantined}, 0, id); err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, id)

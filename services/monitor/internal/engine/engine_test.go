@@ -165,7 +165,7 @@ func TestQuarantineProbeRecover(t *testing.T) {
 	e.destination("d1", srv.URL)
 	e.waitLeader()
 	if err := parked.Park(context.Background(), e.js, &eventv1.Batch{BatchId: "b1", TenantId: "t1", DestinationId: "d1",
-		Impressions: []*ingestv1.Impression{{Key: "k", Split: "s", Treatment: "on", Time: 1}}}, "quarantined", 0, "b1.d1"); err != nil {
+		Impressions: []*ingestv1.Impression{{Key: "k", Split: "s", Treatment: "on", Time: 1}}}, parked.Reason{Class: parked.Quarantined}, 0, "b1.d1"); err != nil {
 		t.Fatal(err)
 	}
 

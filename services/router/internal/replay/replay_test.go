@@ -54,7 +54,7 @@ func (f *fixture) park(t *testing.T, dest string, n int) {
 	t.Helper()
 	for i := range n {
 		b := testkit.Batch(fmt.Sprintf("%s-b%d", dest, i), dest, testkit.Impressions("k", 1))
-		if err := parked.Park(context.Background(), f.js, b, "quarantined", 1, b.BatchId); err != nil {
+		if err := parked.Park(context.Background(), f.js, b, parked.Reason{Class: parked.Quarantined}, 1, b.BatchId); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 )
 
@@ -16,7 +17,7 @@ type Target struct {
 	// Park is true when the destination must not receive traffic now.
 	Park bool
 	// Reason says why it is parked.
-	Reason      string
+	Reason      parked.Reason
 	Impressions []*ingestv1.Impression
 }
 
@@ -30,13 +31,8 @@ func Plan(b *eventv1.Batch, dests []*adminv1.Destination, state func(id string) 
 			continue
 		}
 		t := Target{DestinationID: d.GetId(), Impressions: imps}
-		switch s := state(d.GetId()); {
-		case !d.GetEnabled():
-			t.Park, t.Reason = true, "destination disabled"
-		case s == eventv1.State_STATE_PAUSED:
-			t.Park, t.Reason = true, "paused"
-		case registry.Held(s):
-			t.Park, t.Reason = true, "quarantined"
+		if c, held := registry.Hold(d, state(d.GetId())); held {
+			t.Park, t.Reason = true, parked.Reason{Class: c}
 		}
 		out = append(out, t)
 	}

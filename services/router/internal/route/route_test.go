@@ -52,7 +52,7 @@ func TestPlan(t *testing.T) {
 		if len(g.Impressions) != w.n || g.Park != w.park {
 			t.Errorf("%s: %d impressions park=%v, want %d park=%v", id, len(g.Impressions), g.Park, w.n, w.park)
 		}
-		if g.Park && g.Reason == "" {
+		if g.Park && !g.Reason.Class.Hold() {
 			t.Errorf("%s: parked without a reason", id)
 		}
 	}
