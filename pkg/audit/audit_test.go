@@ -3,6 +3,7 @@ package audit
 import (
 	"context"
 	"errors"
+	"google.golang.org/protobuf/encoding/protojson"
 	"testing"
 	"time"
 
@@ -13,7 +14,6 @@ import (
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
@@ -42,7 +42,7 @@ func last(t *testing.T, ctx context.Context, js jetstream.JetStream, subj string
 	if err != nil {
 		t.Fatalf("no record on %s: %v", subj, err)
 	}
-	if err := registry.Decode(raw.Data, m); err != nil {
+	if err := protojson.Unmarshal(raw.Data, m); err != nil {
 		t.Fatalf("record on %s is not protojson: %v: %s", subj, err, raw.Data)
 	}
 }

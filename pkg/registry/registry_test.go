@@ -486,3 +486,35 @@ func TestWatchThatEndsIsStartedAgain(t *testing.T) {
 		t.Fatalf("view age %v after the watch caught up", age)
 	}
 }
+
+// TestUpdateDestinationIsCompareAndSet: the one read-modify-write of
+// destination records refuses to overwrite a change made in between, and
+// leaves a record alone when the change says so.
+func TestUpdateDestinationIsCompareAndSet(t *testing.T) {
+	_, dests, _ := setup(t)
+	ctx := context.Background()
+	if err := CreateDestination(ctx, dests, &adminv1.Destination{Id: "d1", TenantId: "t1", Enabled: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := CreateDestination(ctx, dests, &adminv1.Destination{Id: "d1", TenantId: "t2"}); !errors.Is(err, ErrDestinationExists) {
+		t.Fatalf("second create: %v, want ErrDestinationExists", err)
+	}
+	_, err := UpdateDestination(ctx, dests, "d1", func(d *adminv1.Destination) (bool, error) {
+		putDest(t, dests, "d1", "t1") // someone else writes in between
+		d.Enabled = false
+		return true, nil
+	})
+	if !errors.Is(err, ErrConflict) {
+		t.Fatalf("update over a concurrent write: %v, want ErrConflict", err)
+	}
+	d, err := UpdateDestination(ctx, dests, "d1", func(d *adminv1.Destination) (bool, error) {
+		d.Enabled, d.DisabledReason = false, "410 Gone"
+		return true, nil
+	})
+	if err != nil || d.GetEnabled() || d.GetDisabledReason() != "410 Gone" {
+		t.Fatalf("update: %v %v", d, err)
+	}
+	if _, err := UpdateDestination(ctx, dests, "nope", func(*adminv1.Destination) (bool, error) { return true, nil }); !errors.Is(err, ErrDestinationNotFound) {
+		t.Fatalf("update of an unknown id: %v", err)
+	}
+}

@@ -161,8 +161,9 @@ func (d *Deliverer) outcome(l *lane, j *job, res webhook.Result, timeout time.Du
 	}
 }
 
-// disable turns a destination off after a 410 Gone. Its traffic is parked
-// from then on until an operator enables it again.
+// disable turns a destination off after a 410 Gone, through the one write
+// path of destination records. Its traffic is parked from then on until an
+// operator enables it again.
 func (d *Deliverer) disable(dest *adminv1.Destination, reason string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -171,21 +172,14 @@ func (d *Deliverer) disable(dest *adminv1.Destination, reason string) {
 		d.log.Error("disable destination", "destination", dest.GetId(), "err", err)
 		return
 	}
-	e, err := kv.Get(ctx, dest.GetId())
+	_, err = registry.UpdateDestination(ctx, kv, dest.GetId(), func(cur *adminv1.Destination) (bool, error) {
+		if !cur.GetEnabled() {
+			return false, nil
+		}
+		cur.Enabled, cur.DisabledReason, cur.Updated = false, reason, timestamppb.Now()
+		return true, nil
+	})
 	if err != nil {
-		d.log.Error("disable destination", "destination", dest.GetId(), "err", err)
-		return
-	}
-	var cur adminv1.Destination
-	if err := registry.Decode(e.Value(), &cur); err != nil || !cur.GetEnabled() {
-		return
-	}
-	cur.Enabled, cur.DisabledReason, cur.Updated = false, reason, timestamppb.Now()
-	b, err := registry.Encode(&cur)
-	if err != nil {
-		return
-	}
-	if _, err := kv.Update(ctx, dest.GetId(), b, e.Revision()); err != nil {
 		d.log.Warn("disable destination", "destination", dest.GetId(), "err", err)
 		return
 	}

@@ -88,14 +88,9 @@ func (s *Server) CreateDestination(ctx context.Context, req *adminv1.CreateDesti
 	d.PreviousSecret, d.PreviousSecretExpires, d.DisabledReason = "", nil, ""
 	d.Created, d.Updated = timestamppb.Now(), timestamppb.Now()
 	s.fill(d)
-	b, err := registry.Encode(d)
-	if err != nil {
-		return nil, toStatus(s.log, "encode", err)
-	}
-	if _, err := s.dests.Create(ctx, d.GetId(), b); err != nil {
-		if errors.Is(err, jetstream.ErrKeyExists) {
-			return nil, toStatus(s.log, "create destination", fmt.Errorf("destination %q: %w", d.GetId(), errExists))
-		}
+	if err := registry.CreateDestination(ctx, s.dests, d); errors.Is(err, registry.ErrDestinationExists) {
+		return nil, toStatus(s.log, "create destination", fmt.Errorf("destination %q: %w", d.GetId(), errExists))
+	} else if err != nil {
 		return nil, toStatus(s.log, "create destination", err)
 	}
 	s.record(ctx, "CreateDestination", d.GetTenantId(), []string{d.GetId()}, "", "url "+d.GetUrl(), false)
@@ -194,44 +189,45 @@ func (s *Server) all(ctx context.Context, tenant string) ([]*adminv1.Destination
 // UpdateDestination replaces a destination's settings; id and tenant are fixed.
 func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDestinationRequest) (*adminv1.UpdateDestinationResponse, error) {
 	in := req.GetDestination()
-	old, rev, err := s.load(ctx, in.GetId())
-	if err != nil {
-		return nil, err
-	}
-	if in.GetTenantId() != old.GetTenantId() {
-		return nil, grpcserver.InvalidArgument("destination.tenant_id", "a destination cannot move to another tenant")
-	}
-	d := proto.Clone(in).(*adminv1.Destination)
-	d.Secret = old.GetSecret()
-	if err := s.check(d); err != nil {
-		return nil, err
-	}
-	d.PreviousSecret, d.PreviousSecretExpires = old.GetPreviousSecret(), old.GetPreviousSecretExpires()
-	d.Created, d.Updated = old.GetCreated(), timestamppb.Now()
-	if d.GetEnabled() {
-		d.DisabledReason = ""
-	}
 	rotated := false
-	if in.GetSecret() != "" && in.GetSecret() != old.GetSecret() || req.GetRotateSecret() {
-		next := in.GetSecret()
-		if next == "" || next == old.GetSecret() {
-			if next, err = webhook.NewSecret(); err != nil {
-				return nil, toStatus(s.log, "new secret", err)
-			}
+	d, err := registry.UpdateDestination(ctx, s.dests, in.GetId(), func(old *adminv1.Destination) (bool, error) {
+		if in.GetTenantId() != old.GetTenantId() {
+			return false, grpcserver.InvalidArgument("destination.tenant_id", "a destination cannot move to another tenant")
 		}
-		// The old secret keeps signing for a day: receivers verify either.
-		d.PreviousSecret, d.PreviousSecretExpires = old.GetSecret(), timestamppb.New(time.Now().Add(24*time.Hour))
-		d.Secret = next
-		rotated = true
-	}
-	s.fill(d)
-	b, err := registry.Encode(d)
-	if err != nil {
-		return nil, toStatus(s.log, "encode", err)
-	}
-	if _, err := s.dests.Update(ctx, d.GetId(), b, rev); err != nil {
+		d := proto.Clone(in).(*adminv1.Destination)
+		d.Secret = old.GetSecret()
+		if err := s.check(d); err != nil {
+			return false, err
+		}
+		d.PreviousSecret, d.PreviousSecretExpires = old.GetPreviousSecret(), old.GetPreviousSecretExpires()
+		d.Created, d.Updated = old.GetCreated(), timestamppb.Now()
+		if d.GetEnabled() {
+			d.DisabledReason = ""
+		}
+		if in.GetSecret() != "" && in.GetSecret() != old.GetSecret() || req.GetRotateSecret() {
+			next := in.GetSecret()
+			if next == "" || next == old.GetSecret() {
+				var err error
+				if next, err = webhook.NewSecret(); err != nil {
+					return false, err
+				}
+			}
+			// The old secret keeps signing for a day: receivers verify either.
+			d.PreviousSecret, d.PreviousSecretExpires = old.GetSecret(), timestamppb.New(time.Now().Add(24*time.Hour))
+			d.Secret = next
+			rotated = true
+		}
+		s.fill(d)
+		proto.Reset(old)
+		proto.Merge(old, d)
+		return true, nil
+	})
+	switch {
+	case errors.Is(err, registry.ErrDestinationNotFound):
+		return nil, toStatus(s.log, "update destination", fmt.Errorf("destination %q: %w", in.GetId(), errNotFound))
+	case err != nil:
 		// A lost compare-and-set is Aborted; a NATS timeout is Unavailable.
-		return nil, toStatus(s.log, fmt.Sprintf("update destination %q", d.GetId()), err)
+		return nil, toStatus(s.log, fmt.Sprintf("update destination %q", in.GetId()), err)
 	}
 	s.record(ctx, "UpdateDestination", d.GetTenantId(), []string{d.GetId()}, "", fmt.Sprintf("rotated secret: %v", rotated), false)
 	if !rotated {

@@ -13,7 +13,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/bulkhead-io/bulkhead/pkg/audit"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
@@ -24,18 +23,11 @@ import (
 // decision returns the stored decision of a destination (nil when none) and
 // its KV revision (0 when none).
 func (s *Server) decision(ctx context.Context, id string) (*eventv1.Decision, uint64, error) {
-	e, err := s.decisions.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, nil
-	}
+	d, rev, err := registry.GetDecision(ctx, s.decisions, id)
 	if err != nil {
 		return nil, 0, toStatus(s.log, "get decision", err)
 	}
-	var d eventv1.Decision
-	if err := registry.Decode(e.Value(), &d); err != nil {
-		return nil, 0, toStatus(s.log, "decode decision", err)
-	}
-	return &d, e.Revision(), nil
+	return d, rev, nil
 }
 
 // decide applies an operator transition with compare-and-set, so it never
@@ -54,16 +46,14 @@ func (s *Server) decide(ctx context.Context, d *adminv1.Destination, next func(p
 		n.DestinationId, n.TenantId = d.GetId(), d.GetTenantId()
 		n.Since = timestamppb.Now()
 		n.Revision = prev.GetRevision() + 1
-		if _, err := registry.PutDecision(ctx, s.decisions, n, rev); errors.Is(err, registry.ErrConflict) {
+		switch _, err := registry.StoreDecision(ctx, s.js, s.decisions, n, rev); {
+		case errors.Is(err, registry.ErrConflict):
 			continue
-		} else if err != nil {
+		case errors.Is(err, registry.ErrAuditLost):
+			s.log.Error("decision audit lost", "destination", n.GetDestinationId(), "err", err)
+		case err != nil:
 			return nil, toStatus(s.log, "store decision", err)
 		}
-		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		if err := audit.Decision(actx, s.js, n); err != nil {
-			s.log.Error("decision audit lost", "destination", n.GetDestinationId(), "err", err)
-		}
-		cancel()
 		return n, nil
 	}
 	return nil, toStatus(s.log, "store decision", fmt.Errorf("destination %q: decisions changing too fast: %w", d.GetId(), errConflict))

@@ -21,7 +21,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/bulkhead-io/bulkhead/pkg/audit"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
@@ -347,30 +346,24 @@ func (e *Engine) checkDrained(ctx context.Context, m *health.Machine, now time.T
 func (e *Engine) store(ctx context.Context, m *health.Machine, d *eventv1.Decision) bool {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	var lastRev uint64
-	entry, err := e.kv.Get(sctx, d.GetDestinationId())
-	switch {
-	case errors.Is(err, jetstream.ErrKeyNotFound):
-	case err != nil:
+	cur, lastRev, err := registry.GetDecision(sctx, e.kv, d.GetDestinationId())
+	if err != nil {
 		e.log.Error("decision not stored", "destination", d.GetDestinationId(), "err", err)
 		return false
-	default:
-		var cur eventv1.Decision
-		if derr := registry.Decode(entry.Value(), &cur); derr == nil && cur.GetRevision() >= d.GetRevision() {
-			_ = m.Load(&cur)
-			return false
-		}
-		lastRev = entry.Revision()
+	}
+	if cur != nil && cur.GetRevision() >= d.GetRevision() {
+		_ = m.Load(cur)
+		return false
 	}
 	if dest := e.reg.Destination(d.GetDestinationId()); dest != nil && d.GetTenantId() == "" {
 		d.TenantId = dest.GetTenantId()
 	}
-	if _, err := registry.PutDecision(sctx, e.kv, d, lastRev); err != nil {
+	switch _, err := registry.StoreDecision(sctx, e.js, e.kv, d, lastRev); {
+	case errors.Is(err, registry.ErrAuditLost):
+		e.log.Error("decision audit lost", "destination", d.GetDestinationId(), "err", err)
+	case err != nil:
 		e.log.Warn("decision not stored", "destination", d.GetDestinationId(), "err", err)
 		return false
-	}
-	if err := audit.Decision(sctx, e.js, d); err != nil {
-		e.log.Error("decision audit lost", "destination", d.GetDestinationId(), "err", err)
 	}
 	e.metrics.decisions.WithLabelValues(d.GetState().String()).Inc()
 	e.log.Info("decision", "destination", d.GetDestinationId(), "state", d.GetState().String(),
