@@ -220,45 +220,6 @@ func (m *Machine) Drained(dest string, now time.Time) (*eventv1.Decision, error)
 	return m.set(d, eventv1.State_STATE_HEALTHY, "parked backlog drained", decidedByPolicy, "", now), nil
 }
 
-// Pause puts a destination in PAUSED on behalf of actor, whatever its state,
-// tracking it if it was unknown; only Resume lifts it. Pausing a paused
-// destination changes nothing and returns nil, nil. It returns
-// ErrInvalidArgument when dest or actor is empty.
-func (m *Machine) Pause(dest, tenant, actor, reason string, now time.Time) (*eventv1.Decision, error) {
-	if dest == "" || actor == "" {
-		return nil, fmt.Errorf("pause %q by %q: %w: destination and actor are required", dest, actor, ErrInvalidArgument)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	d := m.dest(dest)
-	if tenant != "" {
-		d.tenant = tenant
-	}
-	if d.state == eventv1.State_STATE_PAUSED {
-		return nil, nil
-	}
-	return m.set(d, eventv1.State_STATE_PAUSED, operatorReason(reason, "paused"), "operator:"+actor, "", now), nil
-}
-
-// Resume lifts an operator's pause on behalf of actor. The destination goes
-// to RECOVERING, so its parked backlog replays, with a fresh window and no
-// probe failures. It returns ErrInvalidArgument, ErrUnknownDestination or
-// ErrWrongState when the destination is not PAUSED.
-func (m *Machine) Resume(dest, actor, reason string, now time.Time) (*eventv1.Decision, error) {
-	if actor == "" {
-		return nil, fmt.Errorf("resume %s: %w: actor is required", dest, ErrInvalidArgument)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	d, err := m.lookup("resume", dest, eventv1.State_STATE_PAUSED)
-	if err != nil {
-		return nil, err
-	}
-	d.probeFailures = 0
-	d.resetWindow(now)
-	return m.set(d, eventv1.State_STATE_RECOVERING, operatorReason(reason, "resumed"), "operator:"+actor, "", now), nil
-}
-
 // Load seeds the Machine with a stored decision, as read from the KV bucket
 // on start or failover. A decision whose revision is not above the one in
 // force is ignored, so replaying a watch is harmless. STATE_UNSPECIFIED loads
@@ -346,62 +307,6 @@ func (m *Machine) Decision(dest string) (*eventv1.Decision, error) {
 		return nil, fmt.Errorf("decision %s: %w", dest, ErrUnknownDestination)
 	}
 	return d.decision(), nil
-}
-
-// Stats is a destination's health for the admin API, over the window ending
-// when it was taken.
-type Stats struct {
-	// Decision is the decision in force (HEALTHY at revision 0 when none was
-	// made).
-	Decision *eventv1.Decision
-	// Domain is the failure domain set with SetDomain.
-	Domain string
-	// Attempts in the window.
-	Attempts int64
-	// Successes in the window.
-	Successes int64
-	// ErrorRate in the window, 0..1, as the policy counts it (429s are not
-	// failures).
-	ErrorRate float64
-	// ConsecutiveFailures is the current run of failures.
-	ConsecutiveFailures int
-	// LatencyP50Ms is the window's median latency, within 12.5%.
-	LatencyP50Ms float64
-	// LatencyP99Ms is the window's 99th percentile latency, within 12.5%.
-	LatencyP99Ms float64
-	// Slow counts the window's attempts that took most of their timeout.
-	Slow int64
-	// FailuresByClass counts the window's unsuccessful attempts, 429s
-	// included, by eventv1.ErrorClass name.
-	FailuresByClass map[string]int64
-	// LastSuccess is when the last 2xx finished; zero if none was seen.
-	LastSuccess time.Time
-}
-
-// Snapshot returns dest's statistics at now, or ErrUnknownDestination.
-func (m *Machine) Snapshot(dest string, now time.Time) (Stats, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	d, ok := m.dests[dest]
-	if !ok {
-		return Stats{}, fmt.Errorf("snapshot %s: %w", dest, ErrUnknownDestination)
-	}
-	s := Stats{Decision: d.decision(), Domain: d.domain, FailuresByClass: map[string]int64{}}
-	if d.win == nil {
-		return s, nil
-	}
-	c := d.win.Counts(now)
-	s.Attempts, s.Successes, s.ErrorRate, s.Slow = c.Attempts, c.Successes, c.ErrorRate(), c.Slow
-	s.ConsecutiveFailures = d.win.Consecutive(now)
-	s.LatencyP50Ms = d.win.Latency(now, 0.5)
-	s.LatencyP99Ms = d.win.Latency(now, 0.99)
-	s.LastSuccess = d.win.LastSuccess()
-	for cls, n := range c.ByClass {
-		if cls != int(eventv1.ErrorClass_ERROR_CLASS_UNSPECIFIED) && n > 0 {
-			s.FailuresByClass[eventv1.ErrorClass(cls).String()] = n
-		}
-	}
-	return s, nil
 }
 
 // dest returns the tracked destination id, tracking it as HEALTHY if
@@ -568,15 +473,6 @@ func (d *destination) decision() *eventv1.Decision {
 		dec.NextProbe = timestamppb.New(d.nextProbe)
 	}
 	return dec
-}
-
-// operatorReason says "operator: <reason>", with fallback when reason is
-// empty.
-func operatorReason(reason, fallback string) string {
-	if reason == "" {
-		reason = fallback
-	}
-	return "operator: " + reason
 }
 
 // asTime converts a timestamp, nil being the zero time.

@@ -133,12 +133,9 @@ func TestSlowButSuccessfulNeverTrips(t *testing.T) {
 			if len(got) > 0 {
 				t.Fatalf("quarantined: %q", got[0].dec.GetReason())
 			}
-			s, err := m.Snapshot("d", at)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if math.Abs(s.LatencyP50Ms-latency) > 0.125*latency || s.ErrorRate != 0 {
-				t.Fatalf("Snapshot = %+v, want p50 near %v and no errors", s, latency)
+			s := windowOf(t, m, "d", at)
+			if math.Abs(s.p50-latency) > 0.125*latency || s.ErrorRate() != 0 {
+				t.Fatalf("window = %+v, want p50 near %v and no errors", s, latency)
 			}
 			wantSlow := int64(0)
 			if latency >= 8_000 {
@@ -345,7 +342,7 @@ func TestRecoveringIgnoresOutcomesFromBeforeRecovery(t *testing.T) {
 	if len(got) != 0 {
 		t.Fatalf("late outcomes quarantined again: %q", got[0].dec.GetReason())
 	}
-	if s, _ := m.Snapshot("d", now); s.Attempts != 0 {
+	if s := windowOf(t, m, "d", now); s.Attempts != 0 {
 		t.Fatalf("window after recovery holds %d attempts, want 0", s.Attempts)
 	}
 }
@@ -359,18 +356,28 @@ func decidedAll(at time.Time, decs []*eventv1.Decision) []decided {
 	return out
 }
 
+// operator loads an operator's decision for dest, as the engine does when
+// the admin API stores one: the machine has no operator transitions of its
+// own, it only honours the stored decision.
+func operator(t *testing.T, m *Machine, dest string, state eventv1.State, now time.Time) *eventv1.Decision {
+	t.Helper()
+	var rev uint64
+	if cur, err := m.Decision(dest); err == nil {
+		rev = cur.GetRevision()
+	}
+	d := &eventv1.Decision{DestinationId: dest, State: state, Reason: "operator: test", DecidedBy: "operator:alice",
+		Since: timestamppb.New(now), Revision: rev + 1}
+	if err := m.Load(d); err != nil {
+		t.Fatal(err)
+	}
+	return mustDecision(t, m, dest)
+}
+
 func TestPauseOverridesPolicyAndProbes(t *testing.T) {
 	t.Run("healthy", func(t *testing.T) {
 		m := newMachine(t, nil)
 		now := epoch()
-		p, err := m.Pause("d", "tenant-1", "alice", "maintenance", now)
-		if err != nil {
-			t.Fatal(err)
-		}
-		wantState(t, p, eventv1.State_STATE_PAUSED)
-		if p.GetDecidedBy() != "operator:alice" || p.GetReason() != "operator: maintenance" || p.GetRevision() != 1 {
-			t.Fatalf("pause decision = %v", p)
-		}
+		wantState(t, operator(t, m, "d", eventv1.State_STATE_PAUSED, now), eventv1.State_STATE_PAUSED)
 		var got []decided
 		for i := range 100 {
 			observe(m, outcome("d", timeout, now.Add(time.Duration(i)*time.Second)), &got)
@@ -379,21 +386,11 @@ func TestPauseOverridesPolicyAndProbes(t *testing.T) {
 		if len(got) != 0 {
 			t.Fatalf("paused destination decided %v", got[0].dec)
 		}
-		if again, err := m.Pause("d", "", "bob", "", now.Add(time.Hour)); again != nil || err != nil {
-			t.Fatalf("pausing again = %v, %v; want nil, nil", again, err)
-		}
 	})
 	t.Run("quarantined", func(t *testing.T) {
 		m := newMachine(t, nil)
 		q := quarantineNow(t, m, "d", epoch())
-		p, err := m.Pause("d", "", "alice", "", q.GetSince().AsTime().Add(time.Second))
-		if err != nil {
-			t.Fatal(err)
-		}
-		wantState(t, p, eventv1.State_STATE_PAUSED)
-		if p.GetNextProbe() != nil || p.GetReason() != "operator: paused" {
-			t.Fatalf("pause decision = %v", p)
-		}
+		operator(t, m, "d", eventv1.State_STATE_PAUSED, q.GetSince().AsTime().Add(time.Second))
 		if got := m.Tick(q.GetNextProbe().AsTime().Add(time.Hour)); len(got) != 0 {
 			t.Fatalf("paused destination probed: %v", got)
 		}
@@ -403,9 +400,7 @@ func TestPauseOverridesPolicyAndProbes(t *testing.T) {
 		q := quarantineNow(t, m, "d", epoch())
 		due := q.GetNextProbe().AsTime()
 		m.Tick(due)
-		if _, err := m.Pause("d", "", "alice", "", due.Add(time.Second)); err != nil {
-			t.Fatal(err)
-		}
+		operator(t, m, "d", eventv1.State_STATE_PAUSED, due.Add(time.Second))
 		if _, err := m.ProbeResult("d", nil, due.Add(2*time.Second)); !errors.Is(err, ErrWrongState) {
 			t.Fatalf("ProbeResult while paused = %v, want ErrWrongState", err)
 		}
@@ -414,35 +409,20 @@ func TestPauseOverridesPolicyAndProbes(t *testing.T) {
 		}
 		wantState(t, mustDecision(t, m, "d"), eventv1.State_STATE_PAUSED)
 	})
-	t.Run("requires an actor", func(t *testing.T) {
-		m := newMachine(t, nil)
-		if _, err := m.Pause("d", "", "", "x", epoch()); !errors.Is(err, ErrInvalidArgument) {
-			t.Fatalf("Pause without actor = %v, want ErrInvalidArgument", err)
-		}
-		if _, err := m.Pause("", "", "alice", "x", epoch()); !errors.Is(err, ErrInvalidArgument) {
-			t.Fatalf("Pause without destination = %v, want ErrInvalidArgument", err)
-		}
-	})
 }
 
-func TestResume(t *testing.T) {
+// TestOperatorResumeStartsAFreshWindow: an operator's RECOVERING decision
+// (a resume) clears the failures that led to the quarantine, so the
+// destination is not quarantined again for them, and drains to HEALTHY.
+func TestOperatorResumeStartsAFreshWindow(t *testing.T) {
 	m := newMachine(t, nil)
 	start := epoch()
 	quarantineNow(t, m, "d", start)
 	probe(t, m, "d", errors.New("refused"))
-	if _, err := m.Pause("d", "", "alice", "investigating", start.Add(time.Minute)); err != nil {
-		t.Fatal(err)
-	}
+	operator(t, m, "d", eventv1.State_STATE_PAUSED, start.Add(time.Minute))
 	now := start.Add(2 * time.Minute)
-	r, err := m.Resume("d", "bob", "", now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantState(t, r, eventv1.State_STATE_RECOVERING)
-	if r.GetDecidedBy() != "operator:bob" || r.GetReason() != "operator: resumed" || r.GetProbeFailures() != 0 {
-		t.Fatalf("resume decision = %v", r)
-	}
-	if s, _ := m.Snapshot("d", now); s.Attempts != 0 || s.ConsecutiveFailures != 0 {
+	wantState(t, operator(t, m, "d", eventv1.State_STATE_RECOVERING, now), eventv1.State_STATE_RECOVERING)
+	if s := windowOf(t, m, "d", now); s.Attempts != 0 || s.consecutive != 0 {
 		t.Fatalf("window after resume = %+v, want empty", s)
 	}
 	h, err := m.Drained("d", now.Add(time.Minute))
@@ -450,22 +430,32 @@ func TestResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantState(t, h, eventv1.State_STATE_HEALTHY)
+	if _, err := m.Drained("d", now.Add(2*time.Minute)); !errors.Is(err, ErrWrongState) {
+		t.Fatalf("Drained when healthy = %v, want ErrWrongState", err)
+	}
+}
 
-	tests := []struct {
-		name, dest, actor string
-		want              error
-	}{
-		{"not paused", "d", "bob", ErrWrongState},
-		{"unknown", "nope", "bob", ErrUnknownDestination},
-		{"no actor", "d", "", ErrInvalidArgument},
+// window is what a test reads of a destination's window.
+type window struct {
+	Counts
+	consecutive int
+	p50         float64
+}
+
+// windowOf reads dest's window at now (the machine's own, not a copy kept
+// for the admin API: that lives in the engine).
+func windowOf(t *testing.T, m *Machine, dest string, now time.Time) window {
+	t.Helper()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, ok := m.dests[dest]
+	if !ok {
+		t.Fatalf("%s not tracked", dest)
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			if _, err := m.Resume(tt.dest, tt.actor, "", now); !errors.Is(err, tt.want) {
-				t.Fatalf("Resume = %v, want %v", err, tt.want)
-			}
-		})
+	if d.win == nil {
+		return window{}
 	}
+	return window{Counts: d.win.Counts(now), consecutive: d.win.Consecutive(now), p50: d.win.Latency(now, 0.5)}
 }
 
 func TestTransitionsRejectedInWrongState(t *testing.T) {
@@ -510,8 +500,8 @@ func TestRevisionStrictlyIncreases(t *testing.T) {
 	now := probeNow(nil)
 	keep(m.Drained("d", now.Add(time.Second)))
 	decs = append(decs, quarantineNow(t, m, "d", now.Add(time.Hour)))
-	keep(m.Pause("d", "", "alice", "", now.Add(2*time.Hour)))
-	keep(m.Resume("d", "alice", "", now.Add(3*time.Hour)))
+	decs = append(decs, operator(t, m, "d", eventv1.State_STATE_PAUSED, now.Add(2*time.Hour)))
+	decs = append(decs, operator(t, m, "d", eventv1.State_STATE_RECOVERING, now.Add(3*time.Hour)))
 	decs = append(decs, quarantineNow(t, m, "d", now.Add(4*time.Hour)))
 	decs = append(decs, m.Tick(now.Add(5*time.Hour))...)
 	decs = append(decs, m.Tick(now.Add(6*time.Hour))...)
@@ -674,8 +664,8 @@ func TestObserveIgnores(t *testing.T) {
 					t.Fatalf("Observe = %v, want nothing", got)
 				}
 			}
-			if s, err := m.Snapshot("d", now); err == nil && s.Attempts != 0 {
-				t.Fatalf("recorded %d attempts", s.Attempts)
+			if n := attemptsOf(m, "d", now); n != 0 {
+				t.Fatalf("recorded %d attempts", n)
 			}
 		})
 	}
@@ -685,44 +675,35 @@ func TestObserveUsesNowForFutureTimes(t *testing.T) {
 	m := newMachine(t, nil)
 	now := epoch()
 	m.Observe(outcome("d", ok, now.Add(time.Hour)), now)
-	if s, _ := m.Snapshot("d", now); s.Attempts != 1 || !s.LastSuccess.Equal(now) {
-		t.Fatalf("Snapshot = %+v, want the attempt counted at now", s)
+	if n := attemptsOf(m, "d", now); n != 1 || !m.dests["d"].win.LastSuccess().Equal(now) {
+		t.Fatalf("%d attempts, last success %v: want the attempt counted at now", n, m.dests["d"].win.LastSuccess())
 	}
 }
 
-func TestSnapshot(t *testing.T) {
+func TestForgetDropsADestination(t *testing.T) {
 	m := newMachine(t, nil)
 	now := epoch()
-	for i, c := range []eventv1.ErrorClass{ok, ok, server, throttled, client, ok, timeout} {
-		m.Observe(outcome("d", c, now.Add(time.Duration(i)*time.Second)), now.Add(time.Duration(i)*time.Second))
+	m.Observe(outcome("d", ok, now), now)
+	if d, err := m.Decision("d"); err != nil || d.GetState() != eventv1.State_STATE_HEALTHY || d.GetRevision() != 0 {
+		t.Fatalf("decision = %v, %v; want healthy at revision 0", d, err)
 	}
-	m.SetDomain("d", "net-a")
-	now = now.Add(6 * time.Second)
-	s, err := m.Snapshot("d", now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantClasses := map[string]int64{"ERROR_CLASS_SERVER": 1, "ERROR_CLASS_THROTTLED": 1, "ERROR_CLASS_CLIENT": 1, "ERROR_CLASS_TIMEOUT": 1}
-	if s.Attempts != 7 || s.Successes != 3 || s.ConsecutiveFailures != 1 || s.Domain != "net-a" ||
-		math.Abs(s.ErrorRate-3.0/7) > 1e-9 || !s.LastSuccess.Equal(now.Add(-time.Second)) {
-		t.Fatalf("Snapshot = %+v", s)
-	}
-	if fmt.Sprint(s.FailuresByClass) != fmt.Sprint(wantClasses) {
-		t.Fatalf("FailuresByClass = %v, want %v", s.FailuresByClass, wantClasses)
-	}
-	if s.LatencyP50Ms < 40 || s.LatencyP50Ms > 60 || s.LatencyP99Ms < 9000 {
-		t.Fatalf("latency p50 %v, p99 %v", s.LatencyP50Ms, s.LatencyP99Ms)
-	}
-	if s.Decision.GetState() != eventv1.State_STATE_HEALTHY || s.Decision.GetRevision() != 0 {
-		t.Fatalf("decision = %v, want healthy at revision 0", s.Decision)
-	}
-	if _, err := m.Snapshot("nope", now); !errors.Is(err, ErrUnknownDestination) {
-		t.Fatalf("Snapshot unknown = %v, want ErrUnknownDestination", err)
+	if _, err := m.Decision("nope"); !errors.Is(err, ErrUnknownDestination) {
+		t.Fatalf("Decision unknown = %v, want ErrUnknownDestination", err)
 	}
 	m.Forget("d")
-	if _, err := m.Snapshot("d", now); !errors.Is(err, ErrUnknownDestination) {
-		t.Fatalf("Snapshot after Forget = %v, want ErrUnknownDestination", err)
+	if _, err := m.Decision("d"); !errors.Is(err, ErrUnknownDestination) {
+		t.Fatalf("Decision after Forget = %v, want ErrUnknownDestination", err)
 	}
+}
+
+// attemptsOf is the number of attempts in dest's window, 0 when untracked.
+func attemptsOf(m *Machine, dest string, now time.Time) int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d, ok := m.dests[dest]; ok && d.win != nil {
+		return d.win.Counts(now).Attempts
+	}
+	return 0
 }
 
 func TestMachineIsSafeForConcurrentUse(t *testing.T) {
@@ -742,7 +723,7 @@ func TestMachineIsSafeForConcurrentUse(t *testing.T) {
 				m.Observe(outcome(dest, c, at), at)
 				if i%100 == 0 {
 					m.Tick(at)
-					_, _ = m.Snapshot(dest, at)
+					_, _ = m.Decision(dest)
 					_, _ = m.ProbeResult(dest, nil, at)
 				}
 			}
