@@ -180,3 +180,17 @@ func mustState(t *testing.T, m *Machine, dest string) eventv1.State {
 	}
 	return d.GetState()
 }
+
+func TestDomainOf(t *testing.T) {
+	for url, want := range map[string]string{
+		"https://hooks.example.com/a?x=1": "host:hooks.example.com",
+		"http://203.0.113.7:8080/hook":    "net:203.0.113.0/24",
+		"http://[2001:db8::1]/h":          "net:2001:db8::/48",
+		"http://127.0.0.1:9001/h":         "local:127.0.0.1:9001",
+		"::not a url":                     "",
+	} {
+		if got := DomainOf(url); got != want {
+			t.Errorf("DomainOf(%q) = %q, want %q", url, got, want)
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -75,19 +74,6 @@ type destination struct {
 	// probeFailures drives the probe backoff. Kept through RECOVERING and
 	// HEALTHY as flap memory (see Policy.FlapCooldown).
 	probeFailures int32
-}
-
-// domain is one failure domain's members and recent trips.
-type domain struct {
-	members   map[string]*destination
-	trips     []trip    // policy trips of members, oldest first
-	trippedAt time.Time // when the domain last tripped as a whole
-}
-
-// trip is one member's policy trip.
-type trip struct {
-	dest string
-	at   time.Time
 }
 
 // New returns a Machine applying p, or an error wrapping ErrInvalidPolicy.
@@ -271,32 +257,6 @@ func (m *Machine) Forget(dest string) {
 	}
 }
 
-// SetDomain puts a destination in a failure domain (a resolved network,
-// host or DNS zone it shares with others), tracking it if it was unknown; an
-// empty domain takes it out of any.
-func (m *Machine) SetDomain(dest, domainKey string) {
-	if dest == "" {
-		return
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	d := m.dest(dest)
-	if d.domain == domainKey {
-		return
-	}
-	m.leaveDomain(d)
-	if domainKey == "" {
-		return
-	}
-	dom, ok := m.domains[domainKey]
-	if !ok {
-		dom = &domain{members: make(map[string]*destination)}
-		m.domains[domainKey] = dom
-	}
-	dom.members[dest] = d
-	d.domain = domainKey
-}
-
 // Decision returns the decision in force for dest (HEALTHY at revision 0
 // when none was made), or ErrUnknownDestination.
 func (m *Machine) Decision(dest string) (*eventv1.Decision, error) {
@@ -368,81 +328,6 @@ func (m *Machine) probeFailed(d *destination, why string, now time.Time) *eventv
 	d.probeFailures++
 	d.nextProbe = now.Add(m.policy.ProbeDelay(d.probeFailures, m.jitter()))
 	return m.set(d, eventv1.State_STATE_QUARANTINED, "probe failed: "+why, decidedByPolicy, d.decDomain, now)
-}
-
-// heldDomain returns d's domain when it tripped less than Domain.Within ago.
-// m.mu must be held.
-func (m *Machine) heldDomain(d *destination, now time.Time) (*domain, bool) {
-	if !m.policy.Domain.Enabled || d.domain == "" {
-		return nil, false
-	}
-	dom := m.domains[d.domain]
-	if dom.trippedAt.IsZero() || now.Sub(dom.trippedAt) >= m.policy.Domain.Within {
-		return nil, false
-	}
-	return dom, true
-}
-
-// correlate records that d tripped by policy at now and, when that trips
-// d's failure domain, quarantines the domain's other destinations that are
-// HEALTHY or RECOVERING with failures in their window. m.mu must be held.
-func (m *Machine) correlate(d *destination, now time.Time) []*eventv1.Decision {
-	dp := m.policy.Domain
-	if !dp.Enabled || d.domain == "" {
-		return nil
-	}
-	dom := m.domains[d.domain]
-	dom.trips = slices.DeleteFunc(dom.trips, func(t trip) bool {
-		_, member := dom.members[t.dest]
-		return !member || now.Sub(t.at) > dp.Within
-	})
-	dom.trips = append(dom.trips, trip{dest: d.id, at: now})
-	tripped := make(map[string]bool, len(dom.trips))
-	for _, t := range dom.trips {
-		tripped[t.dest] = true
-	}
-	if len(tripped) < dp.MinTripped {
-		return nil
-	}
-	active := 0
-	for _, mb := range dom.members {
-		if mb.win != nil && mb.win.Counts(now).Attempts > 0 {
-			active++
-		}
-	}
-	if float64(len(tripped)) < dp.MinShare*float64(active) {
-		return nil
-	}
-	dom.trippedAt = now
-	reason := fmt.Sprintf("failure domain %s: %d of %d active destinations tripped within %v",
-		d.domain, len(tripped), active, dp.Within)
-	var out []*eventv1.Decision
-	for _, id := range slices.Sorted(maps.Keys(dom.members)) {
-		mb := dom.members[id]
-		if mb.state != eventv1.State_STATE_HEALTHY && mb.state != eventv1.State_STATE_RECOVERING {
-			continue
-		}
-		if mb.win == nil || mb.win.Counts(now).hardFailures() == 0 {
-			continue
-		}
-		out = append(out, m.quarantine(mb, reason, d.domain, now))
-	}
-	return out
-}
-
-// leaveDomain takes d out of its failure domain, dropping the domain when
-// it empties. m.mu must be held.
-func (m *Machine) leaveDomain(d *destination) {
-	if d.domain == "" {
-		return
-	}
-	if dom, ok := m.domains[d.domain]; ok {
-		delete(dom.members, d.id)
-		if len(dom.members) == 0 {
-			delete(m.domains, d.domain)
-		}
-	}
-	d.domain = ""
 }
 
 // resetWindow starts d's window afresh: outcomes of attempts finished

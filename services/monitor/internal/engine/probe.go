@@ -1,0 +1,101 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/topology"
+	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// probe sends one real parked batch (the oldest) to a PROBING destination:
+// useful work, and proof the endpoint accepts our traffic. Delivered, the
+// batch leaves PARKED. With nothing parked, an empty batch is sent.
+func (e *Engine) probe(ctx context.Context, m *health.Machine, d *eventv1.Decision) {
+	dest := e.reg.Destination(d.GetDestinationId())
+	if dest == nil {
+		return
+	}
+	var first *parked.Msg
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	errFound := errors.New("found")
+	_ = parked.Each(pctx, e.js, dest.GetId(), parked.Range{}, 0, func(msg parked.Msg) error {
+		first = &msg
+		return errFound
+	})
+	cancel()
+	var body []byte
+	var err error
+	id := "msg_probe_" + fmt.Sprint(time.Now().UnixNano())
+	if first != nil {
+		body, err = webhook.EncodeBody(first.Batch.GetImpressions())
+		id = "msg_probe_" + first.Batch.GetBatchId()
+	} else {
+		body = []byte("[]")
+	}
+	var res webhook.Result
+	if err == nil {
+		res = e.send(ctx, dest, id, body)
+		err = res.Err
+	}
+	e.metrics.probes.WithLabelValues(boolLabel(err == nil)).Inc()
+	if err == nil && first != nil {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if derr := parked.Delete(dctx, e.js, first.Seq); derr != nil {
+			e.log.Warn("probe batch delivered but still parked; it will be delivered again", "destination", dest.GetId(), "err", derr)
+		}
+		cancel()
+	}
+	e.publishProbeOutcome(ctx, dest, id, res)
+	next, perr := m.ProbeResult(dest.GetId(), err, time.Now())
+	if perr != nil {
+		return // paused or resumed meanwhile
+	}
+	e.store(ctx, m, next)
+}
+
+func (e *Engine) send(ctx context.Context, dest *adminv1.Destination, id string, body []byte) webhook.Result {
+	keys, err := webhook.SigningKeys(dest.GetSecret(), dest.GetPreviousSecret(), dest.GetPreviousSecretExpires().AsTime(), time.Now())
+	if err != nil {
+		return webhook.Result{Err: err, Class: eventv1.ErrorClass_ERROR_CLASS_OTHER}
+	}
+	return e.client.Send(ctx, webhook.Request{
+		URL: dest.GetUrl(), ID: id, Body: body, Gzip: dest.GetGzip(), Secrets: keys,
+		Timeout: dest.GetTimeout().AsDuration(), SuccessCodes: dest.GetSuccessCodes(),
+	})
+}
+
+func (e *Engine) publishProbeOutcome(ctx context.Context, dest *adminv1.Destination, id string, res webhook.Result) {
+	subj, err := topology.Outcome(dest.GetId())
+	if err != nil {
+		return
+	}
+	o := &eventv1.Outcome{
+		DestinationId: dest.GetId(), TenantId: dest.GetTenantId(), WebhookId: id, At: timestamppb.Now(),
+		StatusCode: int32(res.Status), ErrorClass: res.Class, LatencyMs: float64(res.Latency.Microseconds()) / 1000,
+		TimeoutMs: float64(dest.GetTimeout().AsDuration().Milliseconds()), Attempt: 1, Probe: true,
+	}
+	if res.Err != nil {
+		o.Error = res.Err.Error()
+	}
+	if b, err := proto.Marshal(o); err == nil {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, _ = e.js.Publish(pctx, subj, b)
+		cancel()
+	}
+}
+
+func boolLabel(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "failed"
+}
