@@ -83,6 +83,19 @@ func (l *ledger) missing() []string {
 	return out
 }
 
+// arrivedSince counts the keys of dests that arrived at or after t0.
+func (l *ledger) arrivedSince(dests map[string]bool, t0 time.Time) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for k, at := range l.arrived {
+		if !at.Before(t0) && dests[destOf(k)] {
+			n++
+		}
+	}
+	return n
+}
+
 // latencies returns submit→arrival of the keys of dests submitted in [from, to).
 func (l *ledger) latencies(dests map[string]bool, from, to time.Time) []time.Duration {
 	l.mu.Lock()
@@ -327,7 +340,18 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 	}
 	t.Cleanup(stopLoad)
 
-	time.Sleep(4 * time.Second) // steady phase: a stretch of healthy traffic to compare with
+	// Steady phase: enough healthy traffic delivered to compare with.
+	healthy := map[string]bool{}
+	for _, d := range dests[5:] {
+		healthy[d] = true
+	}
+	steady := time.Now()
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		if n := l.arrivedSince(healthy, steady); n < 2000 {
+			return fmt.Errorf("steady phase: %d healthy impressions delivered, want 2000", n)
+		}
+		return nil
+	})
 	onset := time.Now()
 	for i, b := range map[int]fleet.Behavior{hang: fleet.Hang, refused: fleet.Refused, unavailable: fleet.Status503, flapping: fleet.Flapping, slow: fleet.SlowOK} {
 		if err := fl.Set(i, b); err != nil {
@@ -383,14 +407,31 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 	})
 	t.Logf("%s stopped; lease taken over in %v", active, time.Since(failover).Round(100*time.Millisecond))
 
-	time.Sleep(8 * time.Second) // outage continues under the new monitor
+	// The outage continues under the new monitor until it has decided
+	// something itself (probes of the quarantined destinations).
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		if n := ds.after(failover); n < 3 {
+			return fmt.Errorf("%d decisions since the failover, want 3", n)
+		}
+		return nil
+	})
 	heal := time.Now()
 	for _, i := range []int{hang, refused, unavailable, flapping, slow} {
 		if err := fl.Set(i, fleet.Healthy); err != nil {
 			t.Fatal(err)
 		}
 	}
-	time.Sleep(3 * time.Second)
+	// Load goes on until the healed destinations receive again.
+	healed := map[string]bool{}
+	for _, i := range []int{hang, refused, unavailable, flapping, slow} {
+		healed[dests[i]] = true
+	}
+	poll.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		if n := l.arrivedSince(healed, heal); n < 100 {
+			return fmt.Errorf("%d impressions reached the healed destinations since healing, want 100", n)
+		}
+		return nil
+	})
 	stopLoad()
 
 	// Everything accepted is delivered once the failures heal: parked traffic
@@ -413,11 +454,7 @@ func TestFailingDestinationsAreQuarantinedHealthyOnesUnaffected(t *testing.T) {
 	}
 
 	// Healthy destinations kept receiving promptly throughout the outage.
-	healthy := map[string]bool{}
-	for _, d := range dests[5:] {
-		healthy[d] = true
-	}
-	before := l.latencies(healthy, onset.Add(-4*time.Second), onset)
+	before := l.latencies(healthy, steady, onset)
 	during := l.latencies(healthy, onset, heal)
 	t.Logf("healthy destinations: p50 %v → %v, p99 %v → %v (before → during the outage, %d samples)",
 		pct(before, .5), pct(during, .5), pct(before, .99), pct(during, .99), len(during))
@@ -532,7 +569,10 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if err != nil || p.GetDecision().GetState() != eventv1.State_STATE_PAUSED {
 		t.Fatalf("pause: %v %v", p, err)
 	}
-	time.Sleep(1500 * time.Millisecond) // routers enforce within a second
+	// Routers apply a decision from their KV watch within milliseconds, and
+	// nothing outside a router shows that moment (a marker batch would be
+	// counted below), so this one wait is a bound, not a poll.
+	time.Sleep(1500 * time.Millisecond)
 	submit("a", 50)
 	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		h, err := adm.GetDestinationHealth(viewer, &adminv1.GetDestinationHealthRequest{Id: "p1"})
@@ -581,7 +621,8 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 		t.Errorf("replay while paused: %v, want FailedPrecondition", err)
 	}
 
-	// Nothing lifts a pause but an operator: still paused after a while.
+	// Nothing lifts a pause but an operator: still paused after a while (an
+	// absence, so it takes a wait).
 	time.Sleep(3 * time.Second)
 	if h, err := adm.GetDestinationHealth(viewer, &adminv1.GetDestinationHealthRequest{Id: "p1"}); err != nil || h.GetHealth().GetDecision().GetState() != eventv1.State_STATE_PAUSED {
 		t.Fatalf("pause lifted on its own: %v %v", h, err)
@@ -611,7 +652,7 @@ func TestOperatorPauseExportReplay(t *testing.T) {
 	if _, err := adm.PauseDestination(op, &adminv1.PauseDestinationRequest{Id: "p2", Reason: "again"}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(1500 * time.Millisecond)
+	time.Sleep(1500 * time.Millisecond) // as above: routers apply the pause
 	submit("b", 30)
 	poll.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		h, err := adm.GetDestinationHealth(viewer, &adminv1.GetDestinationHealthRequest{Id: "p2"})
