@@ -10,10 +10,9 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/topology"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -42,15 +41,9 @@ func (h *holders) current() []string {
 }
 
 func TestOneHolderAndFailover(t *testing.T) {
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	tk := testkit.JetStream(t, stream.Limits{})
+	kv := tk.Leases
 	ctx := context.Background()
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, topology.BucketLeases)
-	if err != nil {
-		t.Fatal(err)
-	}
 	h := &holders{held: map[string]bool{}}
 	cancels := map[string]context.CancelFunc{}
 	var wg sync.WaitGroup

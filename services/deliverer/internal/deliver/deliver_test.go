@@ -24,12 +24,12 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
@@ -58,8 +58,7 @@ func testConfig() Config {
 
 func start(t *testing.T, cfg Config) *env {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
-	return startOn(t, cfg, js, stream.Limits{})
+	return startOn(t, cfg, testkit.JetStream(t, stream.Limits{}).JS, stream.Limits{})
 }
 
 // startOn runs a deliverer on js after creating the streams with limits.

@@ -24,8 +24,8 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
@@ -48,12 +48,9 @@ type fixture struct {
 // publishing to a real JetStream whose streams are sized by sl.
 func start(t *testing.T, lim api.Limits, sl stream.Limits) *fixture {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	js := testkit.JetStream(t, sl).JS
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
-	if err := stream.Ensure(ctx, js, sl); err != nil {
-		t.Fatal(err)
-	}
 	ks, err := keys.Parse([]string{keyT1 + "=t1", keyT2 + "=t2"})
 	if err != nil {
 		t.Fatal(err)

@@ -24,12 +24,12 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/admin"
@@ -56,12 +56,10 @@ type fixture struct {
 // backed by a real JetStream.
 func start(t *testing.T) *fixture {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	tk := testkit.JetStream(t, stream.Limits{})
+	js := tk.JS
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
 	policy, err := netguard.NewPolicy([]string{"127.0.0.0/8"})
 	if err != nil {
 		t.Fatal(err)
@@ -78,15 +76,8 @@ func start(t *testing.T) *fixture {
 	conn := grpctest.Start(t, grpcserver.Options{Auth: srv.Authenticate}, func(s *grpc.Server) {
 		adminv1.RegisterAdminServiceServer(s, srv)
 	})
-	f := &fixture{js: js, client: adminv1.NewAdminServiceClient(conn),
+	return &fixture{js: js, dests: tk.Destinations, decs: tk.Decisions, client: adminv1.NewAdminServiceClient(conn),
 		op: grpctest.WithToken(ctx, opToken), viewer: grpctest.WithToken(ctx, viewerToken), anon: ctx}
-	if f.dests, err = js.KeyValue(ctx, topology.BucketDestinations); err != nil {
-		t.Fatal(err)
-	}
-	if f.decs, err = js.KeyValue(ctx, topology.BucketQuarantine); err != nil {
-		t.Fatal(err)
-	}
-	return f
 }
 
 func (f *fixture) create(t *testing.T, id, tenant string, enabled bool) *adminv1.Destination {
