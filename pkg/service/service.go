@@ -24,8 +24,8 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/natsconn"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 )
 
 // Base is the configuration every service has.
@@ -172,7 +172,7 @@ func GRPC(s *grpcserver.Server, lis net.Listener, timeout time.Duration) Compone
 }
 
 // Metrics serves m until ctx ends.
-func Metrics(m *obs.MetricsServer, timeout time.Duration) Component {
+func Metrics(m *telemetry.MetricsServer, timeout time.Duration) Component {
 	return Component{Name: "metrics", Run: func(ctx context.Context) error {
 		return serveUntil(ctx, m.Serve, m.Shutdown, timeout)
 	}}
@@ -246,7 +246,7 @@ func Main[C interface{ Level() string }](name string, parse func([]string) (C, e
 		fmt.Fprintf(os.Stderr, "%s: config: %v\n", name, err)
 		os.Exit(2)
 	}
-	log, err := obs.NewLogger(os.Stderr, cfg.Level())
+	log, err := telemetry.NewLogger(os.Stderr, cfg.Level())
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		os.Exit(2)

@@ -23,8 +23,8 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/natsconn"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -224,7 +224,9 @@ func TestMetricsComponent(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
-	go func() { errc <- Run(ctx, Metrics(obs.NewMetricsServer(lis, obs.NewRegistry()), 5*time.Second)) }()
+	go func() {
+		errc <- Run(ctx, Metrics(telemetry.NewMetricsServer(lis, telemetry.NewRegistry()), 5*time.Second))
+	}()
 	url := "http://" + lis.Addr().String()
 	for _, path := range []string{"/healthz", "/metrics"} {
 		resp, err := http.Get(url + path)

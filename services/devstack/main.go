@@ -19,8 +19,8 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
 	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
 	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
@@ -40,7 +40,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "devstack:", err)
 		os.Exit(2)
 	}
-	log, err := obs.NewLogger(os.Stderr, *level)
+	log, err := telemetry.NewLogger(os.Stderr, *level)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "devstack:", err)
 		os.Exit(2)

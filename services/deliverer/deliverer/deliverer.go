@@ -13,9 +13,9 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/deliver"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/retry"
@@ -124,7 +124,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		return err
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
-	reg := obs.NewRegistry()
+	reg := telemetry.NewRegistry()
 	client := webhook.NewClient(policy, webhook.ClientOptions{
 		ConnectTimeout: c.ConnectTimeout, TLSHandshakeTimeout: c.ConnectTimeout,
 	})
@@ -145,7 +145,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	// Components.
 	comps := []service.Component{{Name: "deliver", Run: d.Run}}
 	if metrics != nil {
-		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
+		comps = append(comps, service.Metrics(telemetry.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
 		log.Info("deliverer metrics", "addr", metrics.Addr().String())
 	}
 	log.Info("deliverer running", "destinations", len(dests.Destinations()))

@@ -15,8 +15,8 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/keys"
 )
@@ -129,7 +129,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		return err
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
-	reg := obs.NewRegistry()
+	reg := telemetry.NewRegistry()
 
 	// Servers.
 	srv, err := api.New(js, ks, api.Limits{
@@ -156,7 +156,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 
 	comps := []service.Component{service.GRPC(gs, lis.GRPC, c.ShutdownTimeout)}
 	if lis.Metrics != nil {
-		comps = append(comps, service.Metrics(obs.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
+		comps = append(comps, service.Metrics(telemetry.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
 		log.Info("ingest metrics", "addr", lis.Metrics.Addr().String())
 	}
 	log.Info("ingest serving", "grpc", lis.GRPC.Addr().String(), "tenants", ks.Tenants())

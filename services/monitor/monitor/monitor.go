@@ -17,9 +17,9 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/netguard"
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/admin"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/engine"
@@ -160,7 +160,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		return err
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
-	reg := obs.NewRegistry()
+	reg := telemetry.NewRegistry()
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
 	defer client.CloseIdleConnections()
 	view, err := registry.Open(ctx, js, log)
@@ -193,7 +193,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		{Name: "engine", Run: eng.Run},
 	}
 	if lis.Metrics != nil {
-		comps = append(comps, service.Metrics(obs.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
+		comps = append(comps, service.Metrics(telemetry.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
 		log.Info("monitor metrics", "addr", lis.Metrics.Addr().String())
 	}
 	log.Info("monitor serving", "admin", lis.Admin.Addr().String())

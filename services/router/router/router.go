@@ -11,9 +11,9 @@ import (
 	"net"
 	"time"
 
-	"github.com/bulkhead-io/bulkhead/pkg/obs"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
+	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/services/router/internal/fanout"
 	"github.com/bulkhead-io/bulkhead/services/router/internal/replay"
 )
@@ -93,7 +93,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		return err
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
-	reg := obs.NewRegistry()
+	reg := telemetry.NewRegistry()
 	// The view outlives ctx until Run returns: batches still being routed
 	// during shutdown need a current view too.
 	dests, err := registry.Open(ctx, js, log)
@@ -119,7 +119,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		{Name: "replay", Run: rep.Run},
 	}
 	if metrics != nil {
-		comps = append(comps, service.Metrics(obs.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
+		comps = append(comps, service.Metrics(telemetry.NewMetricsServer(metrics, reg), c.ShutdownTimeout))
 		log.Info("router metrics", "addr", metrics.Addr().String())
 	}
 	log.Info("router running", "destinations", len(dests.Destinations()))

@@ -126,7 +126,7 @@ type Ticket[T any] struct {
 	// Cost is the cost as pushed.
 	Cost int
 
-	lane *lane[T]
+	lane *queue[T]
 }
 
 // Stats is a snapshot of one lane.
@@ -145,10 +145,11 @@ type entry[T any] struct {
 	cost int
 }
 
-// lane is one destination's queue and in-flight accounting. It is linked in
-// its tenant's ring exactly when it is ready: it has a queued item and a free
+// queue is one destination's place in the scheduler (the deliverer's lane
+// feeds it): its queued items and in-flight accounting. It is linked in its
+// tenant's ring exactly when it is ready: it has a queued item and a free
 // slot.
-type lane[T any] struct {
+type queue[T any] struct {
 	id       string
 	tenant   *tenant[T]
 	queue    fifo[entry[T]]
@@ -157,12 +158,12 @@ type lane[T any] struct {
 	// streak counts successes since the cap last changed.
 	streak  int
 	removed bool
-	link    link[*lane[T]]
+	link    link[*queue[T]]
 }
 
-func (l *lane[T]) links() *link[*lane[T]] { return &l.link }
+func (l *queue[T]) links() *link[*queue[T]] { return &l.link }
 
-func (l *lane[T]) ready() bool {
+func (l *queue[T]) ready() bool {
 	return !l.removed && l.queue.len() > 0 && l.inflight < l.cap
 }
 
@@ -170,8 +171,8 @@ func (l *lane[T]) ready() bool {
 // exactly when one of its lanes is ready.
 type tenant[T any] struct {
 	id    string
-	lanes ring[*lane[T]] // ready lanes
-	count int            // all lanes
+	lanes ring[*queue[T]] // ready lanes
+	count int             // all lanes
 	link  link[*tenant[T]]
 }
 
@@ -186,7 +187,7 @@ type Scheduler[T any] struct {
 
 	mu      sync.Mutex
 	cond    sync.Cond // signalled, with mu held, when an item may have become ready, and on Close
-	lanes   map[string]*lane[T]
+	lanes   map[string]*queue[T]
 	tenants map[string]*tenant[T]
 	active  ring[*tenant[T]] // tenants with a ready lane
 	waiting int              // Next calls blocked in cond.Wait
@@ -200,7 +201,7 @@ func New[T any](cfg Config) (*Scheduler[T], error) {
 	}
 	s := &Scheduler[T]{
 		cfg:     cfg.withDefaults(),
-		lanes:   make(map[string]*lane[T]),
+		lanes:   make(map[string]*queue[T]),
 		tenants: make(map[string]*tenant[T]),
 	}
 	s.cond.L = &s.mu
@@ -235,21 +236,21 @@ func (s *Scheduler[T]) Push(lane, tenant string, item T, cost int) error {
 }
 
 // Lock must be held.
-func (s *Scheduler[T]) newLane(id, tenantID string) *lane[T] {
+func (s *Scheduler[T]) newLane(id, tenantID string) *queue[T] {
 	t := s.tenants[tenantID]
 	if t == nil {
 		t = &tenant[T]{id: tenantID}
 		s.tenants[tenantID] = t
 	}
 	t.count++
-	l := &lane[T]{id: id, tenant: t, cap: s.cfg.InitialCap}
+	l := &queue[T]{id: id, tenant: t, cap: s.cfg.InitialCap}
 	s.lanes[id] = l
 	return l
 }
 
 // update links or unlinks l, and its tenant, to match whether l is ready, and
 // reports whether it is. Lock must be held.
-func (s *Scheduler[T]) update(l *lane[T]) bool {
+func (s *Scheduler[T]) update(l *queue[T]) bool {
 	t := l.tenant
 	ready := l.ready()
 	switch {
@@ -380,7 +381,7 @@ func (s *Scheduler[T]) Drain(lane string) []T {
 }
 
 // Lock must be held.
-func (s *Scheduler[T]) drain(l *lane[T]) []T {
+func (s *Scheduler[T]) drain(l *queue[T]) []T {
 	if l.queue.len() == 0 {
 		return nil
 	}

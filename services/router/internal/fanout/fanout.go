@@ -38,8 +38,8 @@ type Config struct {
 	PublishTimeout time.Duration
 }
 
-// Router is the fan-out worker pool.
-type Router struct {
+// Fanout is the fan-out worker pool.
+type Fanout struct {
 	js      jetstream.JetStream
 	reg     *registry.Registry
 	cfg     Config
@@ -47,13 +47,13 @@ type Router struct {
 	metrics *metrics
 }
 
-// New returns a router reading destinations and decisions from reg.
-func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.Logger, r prometheus.Registerer) (*Router, error) {
+// New returns a fan-out reading destinations and decisions from reg.
+func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.Logger, r prometheus.Registerer) (*Fanout, error) {
 	m, err := newMetrics(r)
 	if err != nil {
 		return nil, err
 	}
-	return &Router{js: js, reg: reg, cfg: cfg, log: log, metrics: m}, nil
+	return &Fanout{js: js, reg: reg, cfg: cfg, log: log, metrics: m}, nil
 }
 
 // Run consumes until ctx ends, then finishes the batches in flight (and those
@@ -61,7 +61,7 @@ func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.L
 // again after two missed heartbeats, and a subscription that ends by itself
 // (its consumer deleted, say) is replaced: a router never stops routing
 // while it runs.
-func (r *Router) Run(ctx context.Context) error {
+func (r *Fanout) Run(ctx context.Context) error {
 	// On a fresh or recovering cluster creating the consumer can fail for a
 	// while (no meta leader yet); a router waits, it does not exit.
 	var cons jetstream.Consumer
@@ -132,7 +132,7 @@ func (r *Router) Run(ctx context.Context) error {
 }
 
 // ensureConsumer creates or updates the routers' shared durable consumer.
-func (r *Router) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
+func (r *Fanout) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	cons, err := r.js.CreateOrUpdateConsumer(cctx, topology.StreamImpressions, jetstream.ConsumerConfig{
@@ -153,7 +153,7 @@ func (r *Router) ensureConsumer(ctx context.Context) (jetstream.Consumer, error)
 // consume runs one pull subscription, sending what it pulls to arrivals,
 // until ctx ends (then it drains: what was pulled is still routed) or the
 // iterator closes by itself.
-func (r *Router) consume(ctx context.Context, cons jetstream.Consumer, arrivals chan<- arrival) error {
+func (r *Fanout) consume(ctx context.Context, cons jetstream.Consumer, arrivals chan<- arrival) error {
 	it, err := cons.Messages(
 		jetstream.PullMaxMessages(2*r.cfg.Workers),
 		jetstream.PullExpiry(stream.PullExpiry),
@@ -206,7 +206,7 @@ type arrival struct {
 // batch was accepted gets that batch even if the registry watch has not
 // delivered the destination yet. It takes every batch waiting at the time
 // as one wave, so the check costs one round trip per wave.
-func (r *Router) gate(arrivals <-chan arrival, work chan<- arrival) {
+func (r *Fanout) gate(arrivals <-chan arrival, work chan<- arrival) {
 	var wave []arrival
 	for a := range arrivals {
 		wave = append(wave[:0], a)
@@ -240,7 +240,7 @@ func (r *Router) gate(arrivals <-chan arrival, work chan<- arrival) {
 // shutdown (bounded by PublishTimeout) so no batch is left half-routed longer
 // than needed; a half-routed batch is safe anyway: it is redelivered and the
 // outputs already stored are de-duplicated by message id.
-func (r *Router) handle(a arrival) {
+func (r *Fanout) handle(a arrival) {
 	m := a.msg
 	var b eventv1.Batch
 	if err := proto.Unmarshal(m.Data(), &b); err != nil {
@@ -276,7 +276,7 @@ func (r *Router) handle(a arrival) {
 }
 
 // publish stores every target's share and waits until all are stored.
-func (r *Router) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) error {
+func (r *Fanout) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) error {
 	futures := make([]jetstream.PubAckFuture, 0, len(targets))
 	for _, t := range targets {
 		out := &eventv1.Batch{
@@ -336,7 +336,7 @@ func deliverMsg(b *eventv1.Batch, msgID string) (*nats.Msg, error) {
 
 // retryLater hands the batch back with a growing delay. A full DELIVERY or
 // PARKED stream ends up here: routing waits (and alarms) instead of dropping.
-func (r *Router) retryLater(m jetstream.Msg, err error) {
+func (r *Fanout) retryLater(m jetstream.Msg, err error) {
 	n := uint64(1)
 	if md, merr := m.Metadata(); merr == nil {
 		n = md.NumDelivered
@@ -354,7 +354,7 @@ func (r *Router) retryLater(m jetstream.Msg, err error) {
 	}
 }
 
-func (r *Router) watchLag(ctx context.Context, cons jetstream.Consumer) {
+func (r *Fanout) watchLag(ctx context.Context, cons jetstream.Consumer) {
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {

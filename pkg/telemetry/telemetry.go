@@ -1,6 +1,6 @@
-// Package obs holds what every service needs to be observed: a JSON logger and
+// Package telemetry holds what every service needs to be observed: a JSON logger and
 // an HTTP server for Prometheus metrics and pprof.
-package obs
+package telemetry
 
 import (
 	"context"
