@@ -148,9 +148,9 @@ type Component struct {
 	Run  func(ctx context.Context) error
 }
 
-// Run runs the components until ctx ends or one of them fails, and returns
+// RunAll runs the components until ctx ends or one of them fails, and returns
 // the first failure. Every component sees the same cancellation.
-func Run(ctx context.Context, comps ...Component) error {
+func RunAll(ctx context.Context, comps ...Component) error {
 	g, ctx := errgroup.WithContext(ctx)
 	for _, c := range comps {
 		g.Go(func() error {

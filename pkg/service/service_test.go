@@ -35,7 +35,7 @@ func TestRunReturnsFirstErrorAndCancelsTheRest(t *testing.T) {
 	stopped := make(chan error, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := Run(ctx,
+	err := RunAll(ctx,
 		Component{Name: "waiter", Run: func(ctx context.Context) error {
 			<-ctx.Done()
 			stopped <- ctx.Err()
@@ -70,7 +70,7 @@ func TestRunEndsCleanlyWithContext(t *testing.T) {
 		}}
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- Run(ctx, comp("a"), comp("b")) }()
+	go func() { errc <- RunAll(ctx, comp("a"), comp("b")) }()
 	cancel()
 	select {
 	case err := <-errc:
@@ -129,7 +129,7 @@ func startGRPC(t *testing.T, timeout time.Duration) *grpcFixture {
 	f.client = ingestv1.NewIngestServiceClient(conn)
 	var ctx context.Context
 	ctx, f.cancel = context.WithCancel(context.Background())
-	go func() { f.errc <- Run(ctx, GRPC(gs, lis, timeout)) }()
+	go func() { f.errc <- RunAll(ctx, GRPC(gs, lis, timeout)) }()
 	t.Cleanup(func() {
 		f.cancel()
 		<-f.errc
@@ -206,7 +206,7 @@ func TestGRPCServeErrorEndsRun(t *testing.T) {
 	lis := bufconn.Listen(1 << 10)
 	_ = lis.Close()
 	other := make(chan struct{})
-	err = Run(context.Background(), GRPC(gs, lis, time.Second), Component{Name: "other", Run: func(ctx context.Context) error {
+	err = RunAll(context.Background(), GRPC(gs, lis, time.Second), Component{Name: "other", Run: func(ctx context.Context) error {
 		<-ctx.Done()
 		close(other)
 		return nil
@@ -225,7 +225,7 @@ func TestMetricsComponent(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() {
-		errc <- Run(ctx, Metrics(telemetry.NewMetricsServer(lis, telemetry.NewRegistry()), 5*time.Second))
+		errc <- RunAll(ctx, Metrics(telemetry.NewMetricsServer(lis, telemetry.NewRegistry()), 5*time.Second))
 	}()
 	url := "http://" + lis.Addr().String()
 	for _, path := range []string{"/healthz", "/metrics"} {

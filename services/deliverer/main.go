@@ -7,4 +7,4 @@ import (
 	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
 )
 
-func main() { service.Main("deliverer", deliverer.ParseConfig, deliverer.Main) }
+func main() { service.Main("deliverer", deliverer.ParseConfig, deliverer.Serve) }

@@ -105,13 +105,13 @@ func run(ctx context.Context, log *slog.Logger, dataDir, host string, port int) 
 			return err
 		}
 	}
-	err = service.Run(ctx,
-		service.Component{Name: "monitor", Run: func(ctx context.Context) error { return monitor.Main(ctx, mon, log.With("service", "monitor")) }},
-		service.Component{Name: "router", Run: func(ctx context.Context) error { return router.Main(ctx, rtr, log.With("service", "router")) }},
+	err = service.RunAll(ctx,
+		service.Component{Name: "monitor", Run: func(ctx context.Context) error { return monitor.Serve(ctx, mon, log.With("service", "monitor")) }},
+		service.Component{Name: "router", Run: func(ctx context.Context) error { return router.Serve(ctx, rtr, log.With("service", "router")) }},
 		service.Component{Name: "deliverer", Run: func(ctx context.Context) error {
-			return deliverer.Main(ctx, dlv, log.With("service", "deliverer"))
+			return deliverer.Serve(ctx, dlv, log.With("service", "deliverer"))
 		}},
-		service.Component{Name: "ingest", Run: func(ctx context.Context) error { return ingest.Main(ctx, ing, log.With("service", "ingest")) }},
+		service.Component{Name: "ingest", Run: func(ctx context.Context) error { return ingest.Serve(ctx, ing, log.With("service", "ingest")) }},
 		service.Component{Name: "banner", Run: func(ctx context.Context) error {
 			if err := waitServing(ctx, ing.GRPCAddr, mon.AdminAddr); err != nil {
 				return nil // shutting down before the services came up

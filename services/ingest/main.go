@@ -7,4 +7,4 @@ import (
 	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
 )
 
-func main() { service.Main("ingest", ingest.ParseConfig, ingest.Main) }
+func main() { service.Main("ingest", ingest.ParseConfig, ingest.Serve) }

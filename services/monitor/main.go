@@ -7,4 +7,4 @@ import (
 	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
 )
 
-func main() { service.Main("monitor", monitor.ParseConfig, monitor.Main) }
+func main() { service.Main("monitor", monitor.ParseConfig, monitor.Serve) }

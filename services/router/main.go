@@ -7,4 +7,4 @@ import (
 	"github.com/bulkhead-io/bulkhead/services/router/router"
 )
 
-func main() { service.Main("router", router.ParseConfig, router.Main) }
+func main() { service.Main("router", router.ParseConfig, router.Serve) }

@@ -1,6 +1,7 @@
 // Package deliverer wires the deliverer service: per-destination consumers,
-// the fair worker pool and the webhook client. main and the dev stack both
-// start it through Run.
+// the fair worker pool and the webhook client. main and the dev stack start
+// it with Serve (listening where it is configured to); tests and the e2e
+// stack with Run (on listeners they opened).
 package deliverer
 
 import (
@@ -100,8 +101,8 @@ func (c *Config) Validate() error {
 	return err
 }
 
-// Main opens the configured metrics listener and runs until ctx ends.
-func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+// Serve opens the configured metrics listener and runs until ctx ends.
+func Serve(ctx context.Context, c *Config, log *slog.Logger) error {
 	m, err := service.Listen(c.MetricsAddr)
 	if err != nil {
 		return err
@@ -149,5 +150,5 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		log.Info("deliverer metrics", "addr", metrics.Addr().String())
 	}
 	log.Info("deliverer running", "destinations", len(dests.Destinations()))
-	return service.Run(ctx, comps...)
+	return service.RunAll(ctx, comps...)
 }

@@ -1,5 +1,7 @@
 // Package ingest wires the ingest service: configuration, NATS, the gRPC
-// IngestService and metrics. main and the dev stack both start it through Run.
+// IngestService and metrics. main and the dev stack start it with Serve
+// (listening where it is configured to); tests and the e2e stack with Run
+// (on listeners they opened).
 package ingest
 
 import (
@@ -100,8 +102,8 @@ type Listeners struct {
 	Metrics net.Listener // nil: no metrics server
 }
 
-// Main opens the configured listeners and runs the service until ctx ends.
-func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+// Serve opens the configured listeners and runs the service until ctx ends.
+func Serve(ctx context.Context, c *Config, log *slog.Logger) error {
 	g, err := service.Listen(c.GRPCAddr)
 	if err != nil {
 		return err
@@ -163,5 +165,5 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 
 	// Shutdown: Run returns once every component has finished; the deferred
 	// drain then flushes NATS.
-	return service.Run(ctx, comps...)
+	return service.RunAll(ctx, comps...)
 }

@@ -1,7 +1,8 @@
 // Package monitor wires the health monitor: the decision engine (outcomes,
 // quarantine, probes, recovery; active on the lease holder only) and the
-// AdminService (on every replica). main and the dev stack both start it
-// through Run.
+// AdminService (on every replica). main and the dev stack start it with Serve
+// (listening where it is configured to); tests and the e2e stack with Run
+// (on listeners they opened).
 package monitor
 
 import (
@@ -127,8 +128,8 @@ type Listeners struct {
 	Metrics net.Listener // nil: no metrics server
 }
 
-// Main opens the configured listeners and runs until ctx ends.
-func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+// Serve opens the configured listeners and runs until ctx ends.
+func Serve(ctx context.Context, c *Config, log *slog.Logger) error {
 	a, err := service.Listen(c.AdminAddr)
 	if err != nil {
 		return err
@@ -197,5 +198,5 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		log.Info("monitor metrics", "addr", lis.Metrics.Addr().String())
 	}
 	log.Info("monitor serving", "admin", lis.Admin.Addr().String())
-	return service.Run(ctx, comps...)
+	return service.RunAll(ctx, comps...)
 }

@@ -1,6 +1,8 @@
 // Package router wires the router service: it fans accepted impressions out
 // to destinations, enforces quarantine by parking, and replays parked
-// backlogs on recovery. main and the dev stack both start it through Run.
+// backlogs on recovery. main and the dev stack start it with Serve
+// (listening where it is configured to); tests and the e2e stack with Run
+// (on listeners they opened).
 package router
 
 import (
@@ -73,8 +75,8 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Main opens the configured metrics listener and runs until ctx ends.
-func Main(ctx context.Context, c *Config, log *slog.Logger) error {
+// Serve opens the configured metrics listener and runs until ctx ends.
+func Serve(ctx context.Context, c *Config, log *slog.Logger) error {
 	m, err := service.Listen(c.MetricsAddr)
 	if err != nil {
 		return err
@@ -123,5 +125,5 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		log.Info("router metrics", "addr", metrics.Addr().String())
 	}
 	log.Info("router running", "destinations", len(dests.Destinations()))
-	return service.Run(ctx, comps...)
+	return service.RunAll(ctx, comps...)
 }
