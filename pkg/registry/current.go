@@ -9,7 +9,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 )
+
+// ErrStopped is returned by AwaitCurrent once the registry is stopped.
+var ErrStopped = errors.New("registry stopped")
 
 // CurrentTimeout bounds one check of AwaitCurrent: the stream-info request
 // and the wait for the watch to reach the bucket's last sequence.
@@ -24,6 +29,7 @@ type current struct {
 	js      jetstream.JetStream
 	stream  jetstream.Stream // the destinations bucket's stream
 	timeout time.Duration
+	group   *lifecycle.Group // owns the checks; nil runs them unowned (tests)
 
 	mu      sync.Mutex
 	applied uint64        // highest revision the watch has applied
@@ -87,7 +93,14 @@ func (r *Registry) AwaitCurrent(ctx context.Context, since time.Time) error {
 		if ch == nil {
 			ch = &check{start: time.Now(), done: make(chan struct{})}
 			c.check = ch
-			go c.run(ch)
+			if c.group == nil {
+				go c.run(ch)
+			} else if !c.group.Go(func() { c.run(ch) }) {
+				// The registry is stopped: nothing will make the view current.
+				ch.err = ErrStopped
+				c.check = nil
+				close(ch.done)
+			}
 		}
 		c.mu.Unlock()
 		select {

@@ -88,6 +88,7 @@ func Open(ctx context.Context, js jetstream.JetStream, log *slog.Logger) (*Regis
 		r.watches[kind-1] = w
 	}
 	r.cur = newCurrent(js, r.watches[DestinationChanged-1].stream)
+	r.cur.group = &r.group
 	wctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	r.stop = stop
 	for _, w := range r.watches {
