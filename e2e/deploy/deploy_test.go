@@ -29,10 +29,10 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
-	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
-	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
-	"github.com/bulkhead-io/bulkhead/services/router/router"
+	"github.com/bulkhead-io/bulkhead/services/deliverer"
+	"github.com/bulkhead-io/bulkhead/services/ingest"
+	"github.com/bulkhead-io/bulkhead/services/monitor"
+	"github.com/bulkhead-io/bulkhead/services/router"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }

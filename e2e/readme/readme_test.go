@@ -9,10 +9,10 @@ import (
 	"testing"
 
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
-	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
-	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
-	"github.com/bulkhead-io/bulkhead/services/router/router"
+	"github.com/bulkhead-io/bulkhead/services/deliverer"
+	"github.com/bulkhead-io/bulkhead/services/ingest"
+	"github.com/bulkhead-io/bulkhead/services/monitor"
+	"github.com/bulkhead-io/bulkhead/services/router"
 )
 
 func TestEveryFlagIsDocumented(t *testing.T) {

@@ -21,10 +21,10 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
 	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
-	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
-	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
-	"github.com/bulkhead-io/bulkhead/services/router/router"
+	"github.com/bulkhead-io/bulkhead/services/deliverer"
+	"github.com/bulkhead-io/bulkhead/services/ingest"
+	"github.com/bulkhead-io/bulkhead/services/monitor"
+	"github.com/bulkhead-io/bulkhead/services/router"
 )
 
 // envPrefix prefixes the dev stack's own settings.

@@ -24,10 +24,10 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
-	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
-	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
-	"github.com/bulkhead-io/bulkhead/services/router/router"
+	"github.com/bulkhead-io/bulkhead/services/deliverer"
+	"github.com/bulkhead-io/bulkhead/services/ingest"
+	"github.com/bulkhead-io/bulkhead/services/monitor"
+	"github.com/bulkhead-io/bulkhead/services/router"
 )
 
 // Credentials the stack is configured with.

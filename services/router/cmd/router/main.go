@@ -4,7 +4,7 @@ package main
 
 import (
 	"github.com/bulkhead-io/bulkhead/pkg/service"
-	"github.com/bulkhead-io/bulkhead/services/router/router"
+	"github.com/bulkhead-io/bulkhead/services/router"
 )
 
 func main() { service.Main("router", router.ParseConfig, router.Serve) }

@@ -4,7 +4,7 @@ package main
 
 import (
 	"github.com/bulkhead-io/bulkhead/pkg/service"
-	"github.com/bulkhead-io/bulkhead/services/ingest/ingest"
+	"github.com/bulkhead-io/bulkhead/services/ingest"
 )
 
 func main() { service.Main("ingest", ingest.ParseConfig, ingest.Serve) }

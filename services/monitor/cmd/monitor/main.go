@@ -4,7 +4,7 @@ package main
 
 import (
 	"github.com/bulkhead-io/bulkhead/pkg/service"
-	"github.com/bulkhead-io/bulkhead/services/monitor/monitor"
+	"github.com/bulkhead-io/bulkhead/services/monitor"
 )
 
 func main() { service.Main("monitor", monitor.ParseConfig, monitor.Serve) }

@@ -4,7 +4,7 @@ package main
 
 import (
 	"github.com/bulkhead-io/bulkhead/pkg/service"
-	"github.com/bulkhead-io/bulkhead/services/deliverer/deliverer"
+	"github.com/bulkhead-io/bulkhead/services/deliverer"
 )
 
 func main() { service.Main("deliverer", deliverer.ParseConfig, deliverer.Serve) }
