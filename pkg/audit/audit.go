@@ -7,19 +7,15 @@ package audit
 import (
 	"context"
 	"fmt"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/codec"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
-
-// marshal writes records as protojson with proto names, like the KV values,
-// so auditors read both the same way.
-var marshal = protojson.MarshalOptions{UseProtoNames: true}
 
 // Decision records d on imp.audit.quarantine.<dest>.
 func Decision(ctx context.Context, js jetstream.JetStream, d *eventv1.Decision) error {
@@ -48,7 +44,7 @@ func Admin(ctx context.Context, js jetstream.JetStream, r *eventv1.AuditRecord) 
 }
 
 func publish(ctx context.Context, js jetstream.JetStream, subj string, m proto.Message) error {
-	b, err := marshal.Marshal(m)
+	b, err := codec.Encode(m) // as the KV values: auditors read both the same way
 	if err != nil {
 		return err
 	}

@@ -3,7 +3,6 @@ package audit
 import (
 	"context"
 	"errors"
-	"google.golang.org/protobuf/encoding/protojson"
 	"testing"
 	"time"
 
@@ -12,9 +11,11 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/codec"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -22,12 +23,9 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func setup(t *testing.T) (jetstream.JetStream, context.Context) {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	js := testkit.JetStream(t, stream.Limits{}).JS
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
 	return js, ctx
 }
 
@@ -42,7 +40,7 @@ func last(t *testing.T, ctx context.Context, js jetstream.JetStream, subj string
 	if err != nil {
 		t.Fatalf("no record on %s: %v", subj, err)
 	}
-	if err := protojson.Unmarshal(raw.Data, m); err != nil {
+	if err := codec.Decode(raw.Data, m); err != nil {
 		t.Fatalf("record on %s is not protojson: %v: %s", subj, err, raw.Data)
 	}
 }

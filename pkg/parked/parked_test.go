@@ -3,7 +3,6 @@ package parked
 import (
 	"context"
 	"errors"
-	"fmt"
 	"slices"
 	"strconv"
 	"testing"
@@ -15,9 +14,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
-	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
-	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -25,23 +23,14 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func setup(t *testing.T) (jetstream.JetStream, context.Context) {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	js := testkit.JetStream(t, stream.Limits{}).JS
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
 	return js, ctx
 }
 
 func batch(dest, id string, n int) *eventv1.Batch {
-	b := &eventv1.Batch{BatchId: id, TenantId: "t1", DestinationId: dest}
-	for i := range n {
-		b.Impressions = append(b.Impressions, &ingestv1.Impression{
-			Key: fmt.Sprintf("user-%d", i), Split: "s", Treatment: "on", Time: 1700000000000,
-		})
-	}
-	return b
+	return testkit.Batch(id, dest, testkit.Impressions("user", n))
 }
 
 // park parks n batches of two impressions for dest, named <prefix>0.., and

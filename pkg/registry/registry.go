@@ -11,25 +11,20 @@ import (
 	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/bulkhead-io/bulkhead/pkg/codec"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 )
 
-// KV values are protojson, so an operator can read them with `nats kv get`.
-var (
-	marshal   = protojson.MarshalOptions{UseProtoNames: true}
-	unmarshal = protojson.UnmarshalOptions{DiscardUnknown: true}
-)
-
-// Encode returns the KV value of m.
-func Encode(m proto.Message) ([]byte, error) { return marshal.Marshal(m) }
+// Encode returns the KV value of m (package codec: protojson, so an operator
+// can read it with `nats kv get`).
+func Encode(m proto.Message) ([]byte, error) { return codec.Encode(m) }
 
 // Decode parses a KV value into m.
-func Decode(b []byte, m proto.Message) error { return unmarshal.Unmarshal(b, m) }
+func Decode(b []byte, m proto.Message) error { return codec.Decode(b, m) }
 
 // Kind says which bucket a change came from.
 type Kind int

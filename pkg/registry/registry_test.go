@@ -21,6 +21,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -29,21 +30,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // setup starts JetStream with Bulkhead's buckets and returns them.
 func setup(t *testing.T) (jetstream.JetStream, jetstream.KeyValue, jetstream.KeyValue) {
 	t.Helper()
-	_, js := natstest.Connect(t, natstest.RunJetStream(t))
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := stream.Ensure(ctx, js, stream.Limits{}); err != nil {
-		t.Fatal(err)
-	}
-	dests, err := js.KeyValue(ctx, topology.BucketDestinations)
-	if err != nil {
-		t.Fatal(err)
-	}
-	decs, err := js.KeyValue(ctx, topology.BucketQuarantine)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js, dests, decs
+	tk := testkit.JetStream(t, stream.Limits{})
+	return tk.JS, tk.Destinations, tk.Decisions
 }
 
 func putDest(t *testing.T, kv jetstream.KeyValue, id, tenant string) {

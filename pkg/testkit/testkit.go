@@ -15,11 +15,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/codec"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
-	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
@@ -89,7 +89,7 @@ func URL(url string) func(*adminv1.Destination) {
 // Put stores d in the destinations bucket, as the admin API does.
 func (e *Env) Put(t testing.TB, d *adminv1.Destination) {
 	t.Helper()
-	b, err := registry.Encode(d)
+	b, err := codec.Encode(d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +101,7 @@ func (e *Env) Put(t testing.TB, d *adminv1.Destination) {
 // Decide stores a decision for dest with revision rev.
 func (e *Env) Decide(t testing.TB, dest string, s eventv1.State, rev uint64) {
 	t.Helper()
-	b, err := registry.Encode(&eventv1.Decision{DestinationId: dest, TenantId: "t1", State: s, Reason: "test", Revision: rev})
+	b, err := codec.Encode(&eventv1.Decision{DestinationId: dest, TenantId: "t1", State: s, Reason: "test", Revision: rev})
 	if err != nil {
 		t.Fatal(err)
 	}
