@@ -21,6 +21,7 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/leaktest"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
@@ -73,12 +74,12 @@ func create(t *testing.T, adm adminv1.AdminServiceClient, d *adminv1.Destination
 	return resp.GetDestination()
 }
 
+// impression is one impression with every field set, so the test can check
+// each reaches the receiver intact.
 func impression(key, split string) *ingestv1.Impression {
-	return &ingestv1.Impression{
-		Key: key, Split: split, EnvironmentId: "env-1", EnvironmentName: "prod", Treatment: "on",
-		Time: time.Now().UnixMilli(), BucketingKey: key, Label: "default rule", MachineName: "host-7",
-		MachineIp: "10.0.0.7", SplitVersionNumber: 1699999999999, Sdk: "go", SdkVersion: "6.4.0", Properties: "{}",
-	}
+	return testkit.Impressions(key, 1, testkit.Full, func(_ int, imp *ingestv1.Impression) {
+		imp.Key, imp.BucketingKey, imp.Split, imp.Time = key, key, split, time.Now().UnixMilli()
+	})[0]
 }
 
 // submitAll sends n impressions per tenant concurrently in batches of 100.

@@ -111,13 +111,25 @@ func (e *Env) Decide(t testing.TB, dest string, s eventv1.State, rev uint64) {
 }
 
 // Impressions returns n valid impressions keyed <prefix>-0 … <prefix>-(n-1)
-// of split "s", treatment "on".
-func Impressions(prefix string, n int) []*ingestv1.Impression {
+// of split "s", treatment "on", each then changed by every option (which
+// also gets the impression's index).
+func Impressions(prefix string, n int, options ...func(i int, imp *ingestv1.Impression)) []*ingestv1.Impression {
 	out := make([]*ingestv1.Impression, n)
 	for i := range out {
 		out[i] = &ingestv1.Impression{Key: fmt.Sprintf("%s-%d", prefix, i), Split: "s", Treatment: "on", Time: 1700000000000}
+		for _, o := range options {
+			o(i, out[i])
+		}
 	}
 	return out
+}
+
+// Full sets every field of an impression to a realistic value, for tests of
+// what reaches a receiver and for payloads of a realistic size.
+func Full(_ int, imp *ingestv1.Impression) {
+	imp.EnvironmentId, imp.EnvironmentName, imp.BucketingKey, imp.Label = "env-1", "prod", imp.GetKey(), "default rule"
+	imp.MachineName, imp.MachineIp, imp.SplitVersionNumber = "host-7", "10.0.0.7", 1699999999999
+	imp.Sdk, imp.SdkVersion, imp.Properties = "go", "6.4.0", "{}"
 }
 
 // Batch returns a routed batch of tenant t1 for dest holding imps.

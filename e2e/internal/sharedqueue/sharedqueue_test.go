@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
-	"strconv"
 	"testing"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
+	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 )
 
@@ -27,24 +27,9 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// imps returns n impressions keyed prefix-0 .. prefix-(n-1).
+// imps returns n impressions of a realistic size keyed prefix-0 .. prefix-(n-1).
 func imps(prefix string, n int) []*ingestv1.Impression {
-	out := make([]*ingestv1.Impression, n)
-	for i := range out {
-		out[i] = &ingestv1.Impression{
-			Key:         prefix + "-" + strconv.Itoa(i),
-			Split:       "new_checkout",
-			Treatment:   "on",
-			Time:        1700000000000,
-			Properties:  "{}",
-			MachineIp:   "10.0.0.7",
-			SdkVersion:  "6.4.0",
-			Sdk:         "go",
-			Label:       "default rule",
-			MachineName: "host-7",
-		}
-	}
-	return out
+	return testkit.Impressions(prefix, n, testkit.Full)
 }
 
 func startFleet(t *testing.T, n int) *fleet.Fleet {
@@ -142,7 +127,7 @@ func TestWireFormat(t *testing.T) {
 		t.Fatalf("decode body: %v", g.err)
 	}
 	if len(g.body) != 2 || g.body[1]["key"] != "w-1" || g.body[0]["time"] != 1700000000000.0 ||
-		g.body[0]["machineIp"] != "10.0.0.7" || g.body[0]["environmentId"] != "" {
+		g.body[0]["machineIp"] != "10.0.0.7" || g.body[0]["environmentId"] != "env-1" {
 		t.Fatalf("body %v", g.body)
 	}
 	id, ts := g.header.Get("webhook-id"), g.header.Get("webhook-timestamp")

@@ -3,7 +3,6 @@ package api_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"slices"
@@ -70,15 +69,9 @@ func start(t *testing.T, lim api.Limits, sl stream.Limits) *fixture {
 	return &fixture{js: js, client: ingestv1.NewIngestServiceClient(conn), ctx: grpctest.WithToken(ctx, keyT1)}
 }
 
+// impressions returns n impressions with properties props.
 func impressions(n int, props string) []*ingestv1.Impression {
-	out := make([]*ingestv1.Impression, n)
-	for i := range out {
-		out[i] = &ingestv1.Impression{
-			Key: fmt.Sprintf("user-%d", i), Split: "new_checkout", EnvironmentId: "env-1", Treatment: "on",
-			Time: 1700000000000 + int64(i), Label: "default rule", Properties: props,
-		}
-	}
-	return out
+	return testkit.Impressions("user", n, func(_ int, imp *ingestv1.Impression) { imp.Properties = props })
 }
 
 // stored returns the batches stored on imp.in.<tenant>, in order.
