@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -76,13 +75,12 @@ func (r *Fanout) Run(ctx context.Context) error {
 			return nil
 		}
 	}
-	lagDone := make(chan struct{})
-	go func(cons jetstream.Consumer) {
-		defer close(lagDone)
-		// Info asks by name, so this handle serves a re-created consumer too.
-		r.watchLag(ctx, cons)
-	}(cons)
-	defer func() { <-lagDone }()
+	// One group owns the lag watcher, the gate and the workers. Stages stop
+	// in order: closing arrivals ends the gate, which closes work, which
+	// ends the workers; ctx ends the lag watcher.
+	var g lifecycle.Group
+	// Info asks by name, so this handle serves a re-created consumer too.
+	g.Go(func() { lifecycle.Every(ctx, 2*time.Second, func(ctx context.Context) { r.checkLag(ctx, cons) }) })
 
 	// Three stages: consume stamps each batch with when it was received,
 	// the gate lets batches through in waves once the destination view is
@@ -91,26 +89,20 @@ func (r *Fanout) Run(ctx context.Context) error {
 	// round trip) from capping throughput at workers per round trip.
 	arrivals := make(chan arrival, 2*r.cfg.Workers)
 	work := make(chan arrival)
-	var wg sync.WaitGroup
 	for range r.cfg.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		g.Go(func() {
 			for a := range work {
 				r.handle(a)
 			}
-		}()
+		})
 	}
-	gated := make(chan struct{})
-	go func() {
-		defer close(gated)
+	g.Go(func() {
 		r.gate(arrivals, work)
 		close(work)
-	}()
+	})
 	defer func() {
 		close(arrivals)
-		<-gated
-		wg.Wait()
+		g.Stop()
 	}()
 
 	for attempt := 0; ctx.Err() == nil; attempt++ {
@@ -354,21 +346,12 @@ func (r *Fanout) retryLater(m jetstream.Msg, err error) {
 	}
 }
 
-func (r *Fanout) watchLag(ctx context.Context, cons jetstream.Consumer) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			info, err := cons.Info(ictx)
-			cancel()
-			if err == nil {
-				r.metrics.pending.Set(float64(info.NumPending))
-				r.metrics.ackPending.Set(float64(info.NumAckPending))
-			}
-		}
+// checkLag refreshes the consumer's lag gauges; the body of a loop.
+func (r *Fanout) checkLag(ctx context.Context, cons jetstream.Consumer) {
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if info, err := cons.Info(ictx); err == nil {
+		r.metrics.pending.Set(float64(info.NumPending))
+		r.metrics.ackPending.Set(float64(info.NumAckPending))
 	}
 }
