@@ -28,9 +28,26 @@ type Cluster struct {
 }
 
 // RunCluster starts an n-node JetStream cluster on loopback and waits until
-// it has a meta leader; every node is shut down in t.Cleanup.
+// it has a meta leader; every node is shut down in t.Cleanup. Ports are
+// picked free just before use, so another process can take one in between:
+// a first start that fails is tried again with new ports.
 func RunCluster(t testing.TB, n int) *Cluster {
 	t.Helper()
+	var err error
+	for range 3 {
+		var c *Cluster
+		if c, err = tryCluster(t, n); err == nil {
+			t.Cleanup(c.shutdown)
+			c.WaitReady()
+			return c
+		}
+		t.Logf("cluster did not start (%v); trying other ports", err)
+	}
+	t.Fatalf("cluster: %v", err)
+	return nil
+}
+
+func tryCluster(t testing.TB, n int) (*Cluster, error) {
 	var routes []*url.URL
 	cports := make([]int, n)
 	for i := range n {
@@ -52,12 +69,13 @@ func RunCluster(t testing.TB, n int) *Cluster {
 		}
 		c.opts = append(c.opts, o)
 	}
-	t.Cleanup(c.shutdown)
 	for i := range n {
-		c.Start(i)
+		if err := c.start(i); err != nil {
+			c.shutdown()
+			return nil, err
+		}
 	}
-	c.WaitReady()
-	return c
+	return c, nil
 }
 
 // URLs returns the client URLs of every node, comma-separated.
@@ -72,18 +90,29 @@ func (c *Cluster) URLs() string {
 // Start starts node i (again) with its ports and store directory.
 func (c *Cluster) Start(i int) {
 	c.t.Helper()
-	s, err := server.NewServer(c.opts[i].Clone())
-	if err != nil {
-		c.t.Fatalf("nats node %d: %v", i, err)
+	if err := c.start(i); err != nil {
+		c.t.Fatal(err)
 	}
+}
+
+func (c *Cluster) start(i int) error {
+	o := c.opts[i].Clone()
+	o.NoLog = false
+	s, err := server.NewServer(o)
+	if err != nil {
+		return fmt.Errorf("nats node %d: %w", i, err)
+	}
+	errs := &errorLog{}
+	s.SetLogger(errs, false, false)
 	s.Start()
 	if !s.ReadyForConnections(20 * time.Second) {
 		s.Shutdown()
-		c.t.Fatalf("nats node %d not ready in 20s", i)
+		return fmt.Errorf("nats node %d not ready in 20s (port %d, cluster port %d): %s", i, o.Port, o.Cluster.Port, errs)
 	}
 	c.mu.Lock()
 	c.srvs[i] = s
 	c.mu.Unlock()
+	return nil
 }
 
 // Stop shuts node i down and waits until it has stopped.
@@ -184,4 +213,31 @@ func FreePort(t testing.TB) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// errorLog keeps a server's errors, for the message when it fails to start.
+type errorLog struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *errorLog) keep(format string, v ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lines) < 20 {
+		l.lines = append(l.lines, fmt.Sprintf(format, v...))
+	}
+}
+
+func (l *errorLog) Noticef(string, ...any)         {}
+func (l *errorLog) Debugf(string, ...any)          {}
+func (l *errorLog) Tracef(string, ...any)          {}
+func (l *errorLog) Warnf(string, ...any)           {}
+func (l *errorLog) Errorf(format string, v ...any) { l.keep(format, v...) }
+func (l *errorLog) Fatalf(format string, v ...any) { l.keep(format, v...) }
+
+func (l *errorLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, "; ")
 }
