@@ -59,3 +59,15 @@ func (r Reason) String() string {
 	}
 	return r.Detail
 }
+
+// HoldOf returns the hold class whose stored text is exactly text, and
+// false for any other text (a batch's own failure). Parked batches store
+// their reason as text; a hold's text is its class name.
+func HoldOf(text string) (Class, bool) {
+	for c := Quarantined; c.Hold(); c++ {
+		if c.String() == text {
+			return c, true
+		}
+	}
+	return 0, false
+}

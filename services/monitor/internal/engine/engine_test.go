@@ -266,3 +266,60 @@ func TestOnlyTheLeaderDecidesAndFailoverContinues(t *testing.T) {
 	}
 	e.waitState("d2", eventv1.State_STATE_QUARANTINED, 10*time.Second)
 }
+
+// TestRejectedParkedBatchDoesNotKeepTheDestinationQuarantined parks a batch
+// the receiver refuses (HTTP 400) and then quarantines the destination. Once
+// the endpoint is up again the destination must leave quarantine (F3): the
+// probe skips the rejected batch, and a 4xx to a probe would count as alive
+// too. The rejected batch stays parked for an operator.
+func TestRejectedParkedBatchDoesNotKeepTheDestinationQuarantined(t *testing.T) {
+	e, _ := startEngines(t, 1)
+	var up atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := webhook.ReadBody(r, 1<<20)
+		switch items, _ := webhook.DecodeBody(body); {
+		case !up.Load():
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case len(items) > 0 && items[0].Key == "poison":
+			w.WriteHeader(http.StatusBadRequest)
+		default:
+			w.WriteHeader(http.StatusOK)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	e.destination("d1", srv.URL)
+	e.waitLeader()
+	park := func(id, key string, reason parked.Reason) {
+		t.Helper()
+		b := &eventv1.Batch{BatchId: id, TenantId: "t1", DestinationId: "d1",
+			Impressions: []*ingestv1.Impression{{Key: key, Split: "s", Treatment: "on", Time: 1}}}
+		if err := parked.Park(context.Background(), e.js, b, reason, 1, id+".d1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	park("bad", "poison", parked.Because(parked.Rejected, "HTTP 400: bad request"))
+	park("held", "k", parked.Reason{Class: parked.Quarantined})
+
+	for range 5 {
+		e.outcome("d1", eventv1.ErrorClass_ERROR_CLASS_SERVER)
+	}
+	e.waitState("d1", eventv1.State_STATE_QUARANTINED, 10*time.Second)
+	up.Store(true)
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		if s := e.state("d1"); s == eventv1.State_STATE_QUARANTINED || s == eventv1.State_STATE_PROBING {
+			return fmt.Errorf("d1 still %v", s)
+		}
+		return nil
+	})
+	// The held batch went out with the probe; the rejected one stays.
+	var left []string
+	if err := parked.Each(context.Background(), e.js, "d1", parked.Range{}, 0, func(m parked.Msg) error {
+		left = append(left, m.Batch.GetBatchId())
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(left) != 1 || left[0] != "bad" {
+		t.Errorf("parked after the probe: %v, want only the rejected batch", left)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
@@ -16,22 +17,24 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-// probe sends one real parked batch (the oldest) to a PROBING destination:
-// useful work, and proof the endpoint accepts our traffic. Delivered, the
-// batch leaves PARKED. With nothing parked, an empty batch is sent.
+// probeScan bounds how many parked batches a probe looks through for one to
+// send.
+const probeScan = 100
+
+// probe sends one real parked batch to a PROBING destination: useful work,
+// and proof the endpoint accepts our traffic. Delivered, the batch leaves
+// PARKED. With no suitable batch parked, an empty batch is sent.
+//
+// A 4xx answer (other than 408/429) also ends the quarantine: the endpoint
+// is up and answering, and the batch it refused stays parked for an
+// operator. Otherwise one batch the receiver rejects would fail every probe
+// and keep the destination quarantined for good (F3).
 func (e *Engine) probe(ctx context.Context, m *health.Machine, d *eventv1.Decision) {
 	dest := e.reg.Destination(d.GetDestinationId())
 	if dest == nil {
 		return
 	}
-	var first *parked.Msg
-	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	errFound := errors.New("found")
-	_ = parked.Each(pctx, e.js, dest.GetId(), parked.Range{}, 0, func(msg parked.Msg) error {
-		first = &msg
-		return errFound
-	})
-	cancel()
+	first := e.probeBatch(ctx, dest)
 	var body []byte
 	var err error
 	id := "msg_probe_" + fmt.Sprint(time.Now().UnixNano())
@@ -46,8 +49,14 @@ func (e *Engine) probe(ctx context.Context, m *health.Machine, d *eventv1.Decisi
 		res = e.send(ctx, dest, id, body)
 		err = res.Err
 	}
+	delivered := err == nil
+	if res.Class == eventv1.ErrorClass_ERROR_CLASS_CLIENT {
+		e.log.Warn("probe batch refused; the endpoint answers, so the quarantine ends and the batch stays parked",
+			"destination", dest.GetId(), "status", res.Status)
+		err = nil
+	}
 	e.metrics.probes.WithLabelValues(boolLabel(err == nil)).Inc()
-	if err == nil && first != nil {
+	if delivered && first != nil {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		if derr := parked.Delete(dctx, e.js, first.Seq); derr != nil {
 			e.log.Warn("probe batch delivered but still parked; it will be delivered again", "destination", dest.GetId(), "err", derr)
@@ -60,6 +69,32 @@ func (e *Engine) probe(ctx context.Context, m *health.Machine, d *eventv1.Decisi
 		return // paused or resumed meanwhile
 	}
 	e.store(ctx, m, next)
+}
+
+// probeBatch returns the oldest batch parked because dest was held (not one
+// it rejected or that ran out of retries: those would fail again) that fits
+// dest's batch limit, looking at the first probeScan; nil when there is none.
+func (e *Engine) probeBatch(ctx context.Context, dest *adminv1.Destination) *parked.Msg {
+	limit := int(dest.GetMaxBatchImpressions())
+	if limit <= 0 {
+		limit = int(registry.DefaultDestination().MaxBatchImpressions)
+	}
+	var found *parked.Msg
+	seen := 0
+	errDone := errors.New("done")
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_ = parked.Each(pctx, e.js, dest.GetId(), parked.Range{}, 0, func(msg parked.Msg) error {
+		if seen++; seen > probeScan {
+			return errDone
+		}
+		if _, held := parked.HoldOf(msg.Batch.GetParkReason()); held && len(msg.Batch.GetImpressions()) <= limit {
+			found = &msg
+			return errDone
+		}
+		return nil
+	})
+	return found
 }
 
 func (e *Engine) send(ctx context.Context, dest *adminv1.Destination, id string, body []byte) webhook.Result {
