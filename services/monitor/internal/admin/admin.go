@@ -189,7 +189,7 @@ func (s *Server) all(ctx context.Context, tenant string) ([]*adminv1.Destination
 // UpdateDestination replaces a destination's settings; id and tenant are fixed.
 func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDestinationRequest) (*adminv1.UpdateDestinationResponse, error) {
 	in := req.GetDestination()
-	rotated := false
+	rotated, reenabled := false, false
 	d, err := registry.UpdateDestination(ctx, s.dests, in.GetId(), func(old *adminv1.Destination) (bool, error) {
 		if in.GetTenantId() != old.GetTenantId() {
 			return false, grpcserver.InvalidArgument("destination.tenant_id", "a destination cannot move to another tenant")
@@ -203,6 +203,7 @@ func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDesti
 		d.Created, d.Updated = old.GetCreated(), timestamppb.Now()
 		if d.GetEnabled() {
 			d.DisabledReason = ""
+			reenabled = !old.GetEnabled()
 		}
 		if in.GetSecret() != "" && in.GetSecret() != old.GetSecret() || req.GetRotateSecret() {
 			next := in.GetSecret()
@@ -230,6 +231,13 @@ func (s *Server) UpdateDestination(ctx context.Context, req *adminv1.UpdateDesti
 		return nil, toStatus(s.log, fmt.Sprintf("update destination %q", in.GetId()), err)
 	}
 	s.record(ctx, "UpdateDestination", d.GetTenantId(), []string{d.GetId()}, "", fmt.Sprintf("rotated secret: %v", rotated), false)
+	if reenabled {
+		// The record is stored; a failure here leaves the backlog parked
+		// (and exportable) and is the caller's to retry with ResumeDestination.
+		if _, err := s.decide(ctx, d, reenable(actor(ctx))); err != nil {
+			return nil, err
+		}
+	}
 	if !rotated {
 		d = redact(d)
 	}

@@ -843,3 +843,42 @@ func TestWatchDecisions(t *testing.T) {
 		t.Errorf("stream ended with %v, want Canceled", err)
 	}
 }
+
+// TestReenablingReplaysWhatWasParked: a destination disabled (by a 410 or an
+// operator) parks its traffic; enabling it again must give that backlog a
+// way out (F4): it goes RECOVERING, which the routers replay. A paused one
+// keeps its pause.
+func TestReenablingReplaysWhatWasParked(t *testing.T) {
+	f := start(t)
+	d := f.create(t, "off", "t1", false)
+	if dec, _ := f.decision(t, "off"); dec != nil {
+		t.Fatalf("decision before re-enabling: %v", dec)
+	}
+	d.Enabled = true
+	if _, err := f.client.UpdateDestination(f.op, &adminv1.UpdateDestinationRequest{Destination: d}); err != nil {
+		t.Fatal(err)
+	}
+	dec, _ := f.decision(t, "off")
+	if dec.GetState() != eventv1.State_STATE_RECOVERING || dec.GetDecidedBy() != "operator:ops" {
+		t.Fatalf("after re-enabling: %v, want RECOVERING by operator:ops", dec)
+	}
+	// Enabled already: another update decides nothing.
+	if _, err := f.client.UpdateDestination(f.op, &adminv1.UpdateDestinationRequest{Destination: d}); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := f.decision(t, "off"); again.GetRevision() != dec.GetRevision() {
+		t.Fatalf("an update of an enabled destination decided %v", again)
+	}
+
+	p := f.create(t, "paused", "t1", false)
+	if _, err := f.client.PauseDestination(f.op, &adminv1.PauseDestinationRequest{Id: "paused", Reason: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	p.Enabled = true
+	if _, err := f.client.UpdateDestination(f.op, &adminv1.UpdateDestinationRequest{Destination: p}); err != nil {
+		t.Fatal(err)
+	}
+	if dec, _ := f.decision(t, "paused"); dec.GetState() != eventv1.State_STATE_PAUSED {
+		t.Fatalf("re-enabling lifted a pause: %v", dec)
+	}
+}

@@ -71,6 +71,20 @@ func resume(actorName, reason string) func(*eventv1.Decision) *eventv1.Decision 
 	}
 }
 
+// reenable replays what a destination parked while it was disabled: a
+// destination in force (not paused or quarantined: those keep their hold
+// until resumed) goes to RECOVERING, so the routers replay its parked
+// backlog and the monitor marks it HEALTHY once drained. Without it, that
+// backlog had no way out but the export window's end (F4).
+func reenable(actorName string) func(*eventv1.Decision) *eventv1.Decision {
+	return func(prev *eventv1.Decision) *eventv1.Decision {
+		if s := prev.GetState(); registry.Held(s) || s == eventv1.State_STATE_RECOVERING {
+			return nil
+		}
+		return &eventv1.Decision{State: eventv1.State_STATE_RECOVERING, Reason: "operator: re-enabled; replaying what was parked", DecidedBy: "operator:" + actorName}
+	}
+}
+
 // PauseDestination parks a destination's traffic until an operator resumes it.
 func (s *Server) PauseDestination(ctx context.Context, req *adminv1.PauseDestinationRequest) (*adminv1.PauseDestinationResponse, error) {
 	d, _, err := s.load(ctx, req.GetId())
