@@ -46,6 +46,9 @@ type Config struct {
 	// LagInterval is how often each lane's consumer is read for the lag
 	// gauges and the starving check (see checkStarving); 5 s when zero.
 	LagInterval time.Duration
+	// OrphanInterval is how often DELIVERY is searched for the backlog of
+	// destinations that no longer exist (see adoptOrphans); 30 s when zero.
+	OrphanInterval time.Duration
 }
 
 // Deliverer is the running delivery engine.
@@ -74,6 +77,9 @@ func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client
 	}
 	if cfg.LagInterval <= 0 {
 		cfg.LagInterval = 5 * time.Second
+	}
+	if cfg.OrphanInterval <= 0 {
+		cfg.OrphanInterval = 30 * time.Second
 	}
 	sched, err := schedule.New[*job](cfg.Schedule)
 	if err != nil {
@@ -144,6 +150,10 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	}
 	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.AckWait/3, d.keepAlive) })
 	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.LagInterval, d.watchLag) })
+	d.group.Go(func() {
+		d.adoptOrphans(ctx)
+		lifecycle.Every(ctx, d.cfg.OrphanInterval, d.adoptOrphans)
+	})
 	for ctx.Err() == nil {
 		select {
 		case <-ctx.Done():

@@ -133,3 +133,46 @@ func TestLaneWhoseConsumerIsDeletedServesAgain(t *testing.T) {
 		return nil
 	})
 }
+
+// TestBacklogOfADeletedDestinationIsParked leaves batches in DELIVERY for a
+// destination that does not exist (deleted while no deliverer ran). The
+// deliverer must park them as "destination deleted", where export finds
+// them, and remove the consumer, instead of stranding them (F6).
+func TestBacklogOfADeletedDestinationIsParked(t *testing.T) {
+	cfg := testConfig()
+	cfg.OrphanInterval = 200 * time.Millisecond
+	e := start(t, cfg)
+	s := newSink(t, always(200))
+	e.destination("live", s.srv.URL, 2*time.Second)
+	live := e.publish("live", 2)
+	gone := e.publish("gone", 3)
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		if n := e.inDelivery("gone"); n != 0 {
+			return fmt.Errorf("%d batches of the deleted destination still in DELIVERY", n)
+		}
+		if n, _ := e.parkedReasons("gone"); n != len(gone) {
+			return fmt.Errorf("%d of %d impressions parked", n, len(gone))
+		}
+		return nil
+	})
+	if _, reasons := e.parkedReasons("gone"); reasons[0] != "destination deleted" {
+		t.Errorf("parked as %q, want destination deleted", reasons[0])
+	}
+	// The live destination is untouched: delivered, nothing parked.
+	poll.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
+		if got := s.received(); got != len(live) {
+			return fmt.Errorf("live received %d of %d", got, len(live))
+		}
+		return nil
+	})
+	if n, _ := e.parkedReasons("live"); n != 0 {
+		t.Errorf("the live destination had %d impressions parked", n)
+	}
+	name, _ := topology.DeliverConsumer("gone")
+	poll.CheckFor(t, 20*time.Second, 100*time.Millisecond, func() error {
+		if _, err := e.js.Consumer(context.Background(), topology.StreamDelivery, name); err == nil {
+			return fmt.Errorf("consumer %s still exists", name)
+		}
+		return nil
+	})
+}
