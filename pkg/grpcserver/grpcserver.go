@@ -141,6 +141,19 @@ func (s *Server) Ready() {
 	s.Health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 }
 
+// SetServing marks every registered service, and the server as a whole,
+// SERVING or NOT_SERVING: the health a load balancer or probe reads.
+func (s *Server) SetServing(serving bool) {
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	for name := range s.GetServiceInfo() {
+		s.Health.SetServingStatus(name, st)
+	}
+	s.Health.SetServingStatus("", st)
+}
+
 // Public reports whether fullMethod is served without authentication: the
 // health service and reflection, so probes and grpcurl work without tokens.
 func Public(fullMethod string) bool {

@@ -3,6 +3,8 @@
 package natsconn
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -25,8 +27,11 @@ type Options struct {
 
 // Connect opens a connection and its JetStream context. The connection
 // reconnects forever: a NATS restart is an outage to wait out, not a reason
-// for a service to exit.
-func Connect(o Options, log *slog.Logger) (*nats.Conn, jetstream.JetStream, error) {
+// for a service to exit. When no server answers yet (a service started
+// before NATS), Connect keeps trying until ctx ends; anything else (bad
+// credentials, a bad URL) fails at once, so a misconfiguration is said, not
+// waited on.
+func Connect(ctx context.Context, o Options, log *slog.Logger) (*nats.Conn, jetstream.JetStream, error) {
 	opts := []nats.Option{
 		nats.Name(o.Name),
 		nats.MaxReconnects(-1),
@@ -52,9 +57,26 @@ func Connect(o Options, log *slog.Logger) (*nats.Conn, jetstream.JetStream, erro
 	} else if o.User != "" {
 		opts = append(opts, nats.UserInfo(o.User, o.Password))
 	}
-	nc, err := nats.Connect(o.URL, opts...)
-	if err != nil {
-		return nil, nil, fmt.Errorf("connect nats %s: %w", o.URL, err)
+	var nc *nats.Conn
+	var err error
+	logged := time.Time{}
+	for attempt := 0; ; attempt++ {
+		nc, err = nats.Connect(o.URL, opts...)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, nats.ErrNoServers) {
+			return nil, nil, fmt.Errorf("connect nats %s: %w", o.URL, err)
+		}
+		if time.Since(logged) > 5*time.Second {
+			logged = time.Now()
+			log.Warn("nats not answering yet; waiting", "url", o.URL, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("connect nats %s: %w (last error: %v)", o.URL, ctx.Err(), err)
+		case <-time.After(min(100*time.Millisecond<<min(attempt, 4), 2*time.Second)):
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -41,7 +42,7 @@ func (l *logBuf) String() string {
 func TestConnect(t *testing.T) {
 	s := natstest.RunJetStream(t)
 	logs := &logBuf{}
-	nc, js, err := Connect(Options{URL: s.ClientURL(), Name: "bulkhead-test"}, slog.New(slog.NewTextHandler(logs, nil)))
+	nc, js, err := Connect(context.Background(), Options{URL: s.ClientURL(), Name: "bulkhead-test"}, slog.New(slog.NewTextHandler(logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +105,7 @@ func TestConnectUserPassword(t *testing.T) {
 		{"none", "", "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			nc, _, err := Connect(Options{URL: s.ClientURL(), User: tc.user, Password: tc.password}, log)
+			nc, _, err := Connect(context.Background(), Options{URL: s.ClientURL(), User: tc.user, Password: tc.password}, log)
 			if tc.ok {
 				if err != nil {
 					t.Fatal(err)
@@ -129,7 +130,7 @@ func TestConnectErrors(t *testing.T) {
 		name, url string
 		is        error
 	}{
-		{"nothing listening", "nats://127.0.0.1:1", nats.ErrNoServers},
+		{"nothing listening (waits until ctx ends)", "nats://127.0.0.1:1", context.DeadlineExceeded},
 		{"bad url", "nats://[::1", nil},
 		{"missing creds file", "", nil},
 	} {
@@ -138,7 +139,9 @@ func TestConnectErrors(t *testing.T) {
 			if tc.name == "missing creds file" {
 				o = Options{URL: "nats://127.0.0.1:1", CredsFile: t.TempDir() + "/none.creds"}
 			}
-			nc, _, err := Connect(o, log)
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			defer cancel()
+			nc, _, err := Connect(ctx, o, log)
 			if err == nil {
 				nc.Close()
 				t.Fatal("Connect succeeded")
@@ -150,5 +153,31 @@ func TestConnectErrors(t *testing.T) {
 				t.Errorf("err = %v, want %v", err, tc.is)
 			}
 		})
+	}
+}
+
+// TestConnectWaitsForNATS starts a service's connection before NATS: it
+// must connect once the server comes up, not fail.
+func TestConnectWaitsForNATS(t *testing.T) {
+	port := natstest.FreePort(t)
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		nc, _, err := Connect(ctx, Options{URL: fmt.Sprintf("nats://127.0.0.1:%d", port)}, slog.New(slog.DiscardHandler))
+		if err == nil {
+			nc.Close()
+		}
+		done <- err
+	}()
+	time.Sleep(500 * time.Millisecond) // NATS comes up later: the fault under test
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	if err := <-done; err != nil {
+		t.Fatalf("Connect before NATS was up: %v", err)
 	}
 }

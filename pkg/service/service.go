@@ -77,14 +77,13 @@ func (b *Base) RegisterStreamFlags(fs *flag.FlagSet) {
 // updates them (refusing to shrink one unless told to); every other service
 // waits until they exist, for as long as ctx lives.
 func (b Base) Connect(ctx context.Context, log *slog.Logger) (*nats.Conn, jetstream.JetStream, error) {
-	nc, js, err := natsconn.Connect(b.NATS, log)
+	nc, js, err := natsconn.Connect(ctx, b.NATS, log)
 	if err != nil {
 		return nil, nil, err
 	}
 	if b.OwnsStreams {
-		ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		err = stream.Ensure(ectx, js, b.Streams)
+		// Until ctx ends: NATS may not be up yet.
+		err = stream.Ensure(ctx, js, b.Streams)
 	} else {
 		err = stream.Await(ctx, js, func(missing string) {
 			log.Warn("waiting for the monitor to create the streams", "missing", missing)
@@ -168,6 +167,32 @@ func GRPC(s *grpcserver.Server, lis net.Listener, timeout time.Duration) Compone
 	return Component{Name: "grpc " + lis.Addr().String(), Run: func(ctx context.Context) error {
 		return serveUntil(ctx, func() error { return s.Serve(lis) },
 			func(ctx context.Context) error { s.Shutdown(ctx); return nil }, timeout)
+	}}
+}
+
+// NATSHealth keeps gs's health NOT_SERVING while nc is not connected to
+// NATS and SERVING while it is, until ctx ends: a service that cannot reach
+// JetStream cannot do its work, and its health says so.
+func NATSHealth(nc *nats.Conn, gs *grpcserver.Server, log *slog.Logger) Component {
+	return Component{Name: "nats health", Run: func(ctx context.Context) error {
+		changes := nc.StatusChanged(nats.CONNECTED, nats.RECONNECTING, nats.DISCONNECTED, nats.CLOSED)
+		defer nc.RemoveStatusListener(changes)
+		gs.SetServing(nc.IsConnected())
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case st, ok := <-changes:
+				if !ok {
+					return nil
+				}
+				serving := st == nats.CONNECTED
+				if !serving {
+					log.Warn("nats not connected; health NOT_SERVING", "status", st.String())
+				}
+				gs.SetServing(serving)
+			}
+		}
 	}}
 }
 

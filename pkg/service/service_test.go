@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -23,9 +24,12 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/natsconn"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
+	"github.com/nats-io/nats-server/v2/server"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -357,4 +361,61 @@ func TestDrainClosesConnection(t *testing.T) {
 	if sub.IsValid() {
 		t.Error("subscription valid after Drain")
 	}
+}
+
+// TestHealthFollowsNATS: a service's gRPC health is NOT_SERVING while its
+// NATS connection is down and SERVING again once it is back.
+func TestHealthFollowsNATS(t *testing.T) {
+	port := natstest.FreePort(t)
+	opts := &server.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true}
+	startNATS := func() *server.Server {
+		s, err := server.NewServer(opts.Clone())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Start()
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats not ready")
+		}
+		return s
+	}
+	ns := startNATS()
+	log := slog.New(slog.DiscardHandler)
+	nc, _, err := natsconn.Connect(context.Background(), natsconn.Options{URL: ns.ClientURL()}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	gs, err := grpcserver.New(grpcserver.Options{Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs.Ready()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- NATSHealth(nc, gs, log).Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	status := func() healthpb.HealthCheckResponse_ServingStatus {
+		r, err := gs.Health.Check(context.Background(), &healthpb.HealthCheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.GetStatus()
+	}
+	want := func(s healthpb.HealthCheckResponse_ServingStatus) {
+		t.Helper()
+		poll.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
+			if got := status(); got != s {
+				return fmt.Errorf("health %v, want %v", got, s)
+			}
+			return nil
+		})
+	}
+	want(healthpb.HealthCheckResponse_SERVING)
+	ns.Shutdown()
+	ns.WaitForShutdown()
+	want(healthpb.HealthCheckResponse_NOT_SERVING)
+	ns = startNATS()
+	defer func() { ns.Shutdown(); ns.WaitForShutdown() }()
+	want(healthpb.HealthCheckResponse_SERVING)
 }

@@ -156,7 +156,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	ingestv1.RegisterIngestServiceServer(gs.Server, srv)
 	gs.Ready()
 
-	comps := []service.Component{service.GRPC(gs, lis.GRPC, c.ShutdownTimeout)}
+	comps := []service.Component{service.GRPC(gs, lis.GRPC, c.ShutdownTimeout), service.NATSHealth(nc, gs, log)}
 	if lis.Metrics != nil {
 		comps = append(comps, service.Metrics(telemetry.NewMetricsServer(lis.Metrics, reg), c.ShutdownTimeout))
 		log.Info("ingest metrics", "addr", lis.Metrics.Addr().String())

@@ -191,6 +191,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 
 	comps := []service.Component{
 		service.GRPC(gs, lis.Admin, c.ShutdownTimeout),
+		service.NATSHealth(nc, gs, log),
 		{Name: "engine", Run: eng.Run},
 	}
 	if lis.Metrics != nil {
