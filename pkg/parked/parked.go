@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -20,6 +21,22 @@ import (
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
+
+// MaxParkReason bounds the stored park reason (an endpoint's error text can
+// be long), so a parked batch stays within stream.EnvelopeReserve of what
+// was submitted.
+const MaxParkReason = 1024
+
+// truncate shortens s to at most n bytes, on a rune boundary.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
 
 // Park stores b in PARKED for its destination with the reason. msgID makes a
 // repeated park of the same batch (after a crash between park and ack) a
@@ -46,7 +63,7 @@ func NewMsg(b *eventv1.Batch, reason Reason, attempts int32, msgID string) (*nat
 		return nil, err
 	}
 	oldReason, oldAttempts, oldAt := b.ParkReason, b.Attempts, b.ParkedAt
-	b.ParkReason, b.Attempts, b.ParkedAt = reason.String(), attempts, timestamppb.Now()
+	b.ParkReason, b.Attempts, b.ParkedAt = truncate(reason.String(), MaxParkReason), attempts, timestamppb.Now()
 	data, err := proto.Marshal(b)
 	b.ParkReason, b.Attempts, b.ParkedAt = oldReason, oldAttempts, oldAt
 	if err != nil {

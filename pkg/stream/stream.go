@@ -171,6 +171,18 @@ const (
 	PullHeartbeat = 2 * time.Second
 )
 
+// EnvelopeReserve is what a batch may grow by between Submit and PARKED:
+// its id, tenant and timestamps when stored, its destination when routed,
+// its park reason (at most MaxParkReason bytes), attempts and headers when
+// parked.
+const EnvelopeReserve = 64 << 10
+
+// MaxBatchBytes is the largest Submit a NATS server with maxPayload stores,
+// routes and parks as one message. Ingest refuses larger ones with a
+// permanent InvalidArgument: a batch accepted over it could be stored but
+// not parked, and would be retried forever.
+func MaxBatchBytes(maxPayload int64) int { return int(maxPayload - EnvelopeReserve) }
+
 // LeaseTTL is how long the monitor's leadership lease lives without renewal.
 const LeaseTTL = 6 * time.Second
 

@@ -64,11 +64,20 @@ type Server struct {
 	limiters map[string]*rate.Limiter
 }
 
-// New returns a server publishing with js.
+// New returns a server publishing with js. The batch limit is lowered to
+// what the connected NATS server can store, route and park as one message
+// (stream.MaxBatchBytes), so a batch over it is refused for good rather
+// than answered "retry" forever.
 func New(js jetstream.JetStream, ks *keys.Store, limits Limits, log *slog.Logger, reg prometheus.Registerer) (*Server, error) {
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, err
+	}
+	if mp := js.Conn().MaxPayload(); mp > 0 {
+		if fit := stream.MaxBatchBytes(mp); limits.MaxBatchBytes <= 0 || limits.MaxBatchBytes > fit {
+			log.Warn("max-batch-bytes lowered to fit the NATS server's max_payload", "max_payload", mp, "max_batch_bytes", fit)
+			limits.MaxBatchBytes = fit
+		}
 	}
 	return &Server{js: js, keys: ks, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
 }

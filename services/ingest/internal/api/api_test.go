@@ -3,6 +3,7 @@ package api_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"slices"
@@ -405,5 +406,26 @@ func TestAuthentication(t *testing.T) {
 	}
 	if n := len(f.stored(t, "t1")); n != 0 {
 		t.Errorf("stored %d batches, want 0", n)
+	}
+}
+
+// TestBatchOverTheNATSPayloadIsRefusedForGood: with -max-batch-bytes at or
+// above the NATS server's max_payload (1 MiB embedded, the default limit
+// too), a batch near it used to be accepted with no room left for the
+// envelope routing and parking add (closer still, answered Unavailable,
+// "retry", forever). It is now refused as InvalidArgument, naming the limit
+// that fits; one that fits is still stored.
+func TestBatchOverTheNATSPayloadIsRefusedForGood(t *testing.T) {
+	f := start(t, api.Limits{MaxBatchBytes: 1 << 20}, stream.Limits{})
+	props := `{"blob":"` + strings.Repeat("x", 32000) + `"}`
+	_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(32, props)}) // ≈ 1,030,000 bytes
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("Submit of a batch over max_payload = %v, want InvalidArgument", err)
+	}
+	if want := fmt.Sprint(stream.MaxBatchBytes(f.js.Conn().MaxPayload())); !strings.Contains(status.Convert(err).Message(), want) {
+		t.Errorf("message %q does not name the limit %s", status.Convert(err).Message(), want)
+	}
+	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(29, props)}); err != nil { // ≈ 933,000 bytes
+		t.Fatalf("Submit of a batch that fits: %v", err)
 	}
 }
