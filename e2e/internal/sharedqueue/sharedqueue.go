@@ -199,8 +199,6 @@ type Queue struct {
 	opts   Options
 	client *http.Client
 	tr     *http.Transport
-	ctx    context.Context // cancelled by Close, aborting in-flight POSTs
-	cancel context.CancelFunc
 	seq    atomic.Uint64
 	wg     sync.WaitGroup // workers
 
@@ -216,6 +214,8 @@ type Queue struct {
 	waiting  map[*task]*time.Timer
 	inFlight int
 	held     int64
+	// aborts cancels the POSTs in flight; Close calls them all.
+	aborts map[*context.CancelFunc]struct{}
 
 	submitted, delivered, exhausted, refused      atomic.Int64
 	attempts, failures, timeouts, status, transpt atomic.Int64
@@ -234,15 +234,13 @@ func New(opts Options) (*Queue, error) {
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	q := &Queue{
 		opts:    o,
 		tr:      tr,
 		client:  &http.Client{Transport: tr},
-		ctx:     ctx,
-		cancel:  cancel,
 		linger:  make(map[string]*lingering),
 		waiting: make(map[*task]*time.Timer),
+		aborts:  make(map[*context.CancelFunc]struct{}),
 	}
 	q.cond = sync.NewCond(&q.mu)
 	q.wg.Add(o.Workers)
@@ -466,8 +464,20 @@ func (q *Queue) retryLocked(t *task) {
 // post makes one delivery attempt of t; nil means a 2xx.
 func (q *Queue) post(t *task) error {
 	q.attempts.Add(1)
-	ctx, cancel := context.WithTimeout(q.ctx, q.opts.RequestTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), q.opts.RequestTimeout)
 	defer cancel()
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return context.Canceled
+	}
+	q.aborts[&cancel] = struct{}{}
+	q.mu.Unlock()
+	defer func() {
+		q.mu.Lock()
+		delete(q.aborts, &cancel)
+		q.mu.Unlock()
+	}()
 	err := q.send(ctx, t)
 	if err == nil {
 		return nil
@@ -580,9 +590,11 @@ func (q *Queue) Close() {
 	for _, tm := range q.waiting {
 		tm.Stop()
 	}
+	for abort := range q.aborts {
+		(*abort)()
+	}
 	q.cond.Broadcast()
 	q.mu.Unlock()
-	q.cancel()
 	q.wg.Wait()
 	q.tr.CloseIdleConnections()
 }
