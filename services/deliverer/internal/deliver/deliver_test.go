@@ -474,3 +474,33 @@ func testLogger() *slog.Logger {
 	}
 	return slog.New(slog.DiscardHandler)
 }
+
+// TestRetryAfterBeyondTheRetryAgeWaitsInsteadOfParking: a 429 whose
+// Retry-After reaches past the retry age used to park the batch at once
+// (F4b). The deliverer waits what is left of the age and tries once more.
+func TestRetryAfterBeyondTheRetryAgeWaitsInsteadOfParking(t *testing.T) {
+	cfg := testConfig()
+	cfg.Retry.MaxAge = 2 * time.Second
+	e := start(t, cfg)
+	s := newSink(t, func(n int) (int, http.Header) {
+		if n == 0 {
+			return 429, http.Header{"Retry-After": []string{"3600"}}
+		}
+		return 200, nil
+	})
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	e.publish("d1", 1)
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if s.received() != 5 {
+			return fmt.Errorf("not delivered; parked: %v", func() []string { _, r := e.parkedReasons("d1"); return r }())
+		}
+		return nil
+	})
+	if n, _ := e.parkedReasons("d1"); n != 0 {
+		t.Errorf("%d impressions parked", n)
+	}
+	reqs := s.requests()
+	if gap := reqs[1].Sub(reqs[0]); gap < time.Second || gap > 10*time.Second {
+		t.Errorf("retried %v after the 429; want about the 2 s left of the retry age", gap)
+	}
+}

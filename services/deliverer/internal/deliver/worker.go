@@ -112,7 +112,17 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 		return schedule.Neutral
 	}
 	delay := d.cfg.Retry.Delay(j.attempt, res.RetryAfter, nil)
-	if d.cfg.Retry.Exhausted(j.attempt, j.first, time.Now().Add(delay)) {
+	now := time.Now()
+	lastTry := false
+	if left := j.first.Add(d.cfg.Retry.MaxAge).Sub(now); res.RetryAfter > 0 && delay > left && left > 0 &&
+		!d.cfg.Retry.Exhausted(j.attempt, j.first, now) {
+		// A Retry-After reaching past the retry age would park the batch at
+		// once, and a destination that mixes 200s with such 429s is never
+		// quarantined, so nothing would replay it (F4b). Wait what is left
+		// of the age instead and try a last time.
+		delay, lastTry = left, true
+	}
+	if !lastTry && d.cfg.Retry.Exhausted(j.attempt, j.first, now.Add(delay)) {
 		l.park(j, exhausted(j.attempt, res.Err))
 		return schedule.Failure
 	}
