@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -124,7 +125,7 @@ func Start(t testing.TB, n int) *Cluster {
 	base := t.TempDir()
 	for i := range n {
 		c.nodes = append(c.nodes, &Node{
-			Name: fmt.Sprintf("n%d", i), ClientPort: freePort(t), ClusterPort: freePort(t),
+			Name: fmt.Sprintf("n%d", i), ClientPort: natstest.FreePort(t), ClusterPort: natstest.FreePort(t),
 			Dir: filepath.Join(base, fmt.Sprintf("n%d", i), "data"),
 		})
 	}
@@ -338,16 +339,6 @@ func (nd *Node) wait() {
 	if done != nil {
 		<-done
 	}
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func tail(s string, n int) string {
