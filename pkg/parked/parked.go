@@ -332,3 +332,35 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 }
 
 var errStop = errors.New("replay stopped")
+
+// Backlog is one destination's parked batches.
+type Backlog struct {
+	Batches int64
+	Oldest  time.Time // when the oldest was stored
+}
+
+// Summary returns every destination's parked backlog: one stream-info
+// request for the counts, then one read per destination for its oldest.
+func Summary(ctx context.Context, js jetstream.JetStream) (map[string]Backlog, error) {
+	s, err := parkedStream(ctx, js)
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(topology.AllParked))
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]Backlog, len(info.State.Subjects))
+	for subj, n := range info.State.Subjects {
+		id, err := topology.IDFrom(subj)
+		if err != nil || n == 0 {
+			continue
+		}
+		b := Backlog{Batches: int64(n)}
+		if raw, err := s.GetMsg(ctx, info.State.FirstSeq, jetstream.WithGetMsgSubject(subj)); err == nil {
+			b.Oldest = raw.Time
+		}
+		out[id] = b
+	}
+	return out, nil
+}

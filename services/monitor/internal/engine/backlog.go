@@ -6,6 +6,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -79,4 +80,41 @@ func (e *Engine) patience(dest string) time.Duration {
 		return 3 * d.GetTimeout().AsDuration()
 	}
 	return 0
+}
+
+// watchParked exports how old each destination's oldest parked batch is,
+// so data nearing the end of the export window (PARKED's MaxAge, after
+// which JetStream deletes it) is seen and alarmed before it goes. Only
+// destinations with parked data have a series. It is the body of a loop
+// every ParkedInterval.
+func (e *Engine) watchParked(ctx context.Context) {
+	rctx, cancel := context.WithTimeout(ctx, e.cfg.ParkedInterval)
+	defer cancel()
+	sum, err := parked.Summary(rctx, e.js)
+	if err != nil {
+		e.log.Warn("read PARKED", "err", err)
+		return
+	}
+	now := time.Now()
+	var total int64
+	var oldest time.Duration
+	for id, b := range sum {
+		total += b.Batches
+		if b.Oldest.IsZero() {
+			continue
+		}
+		age := now.Sub(b.Oldest)
+		oldest = max(oldest, age)
+		e.metrics.parkedAge.WithLabelValues(id).Set(age.Seconds())
+	}
+	e.parkedMu.Lock()
+	for id := range e.parkedSeen {
+		if _, ok := sum[id]; !ok {
+			e.metrics.parkedAge.DeleteLabelValues(id)
+		}
+	}
+	e.parkedSeen = sum
+	e.parkedMu.Unlock()
+	e.metrics.parkedBatches.Set(float64(total))
+	e.metrics.parkedOldest.Set(oldest.Seconds())
 }

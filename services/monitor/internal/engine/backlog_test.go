@@ -9,8 +9,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
@@ -91,4 +94,32 @@ func TestUnmovingBacklogIsReportedStalledNotQuarantined(t *testing.T) {
 	})
 	cancel()
 	<-attempts
+}
+
+// TestParkedAgeIsExported: each destination with parked data has a gauge of
+// its oldest parked batch's age (so data nearing the export window is seen
+// before JetStream deletes it), and the gauge goes when the data does.
+func TestParkedAgeIsExported(t *testing.T) {
+	e, _ := startEnginesWith(t, 1, func(c *Config) { c.ParkedInterval = time.Hour }) // driven by hand below
+	eng := e.engines[0]
+	b := &eventv1.Batch{BatchId: "b1", TenantId: "t1", DestinationId: "d1",
+		Impressions: []*ingestv1.Impression{{Key: "k", Split: "s", Treatment: "on", Time: 1}}}
+	if err := parked.Park(context.Background(), e.js, b, parked.Reason{Class: parked.Quarantined}, 0, "b1.d1"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // an age above zero
+	eng.watchParked(context.Background())
+	if age := testutil.ToFloat64(eng.metrics.parkedAge.WithLabelValues("d1")); age <= 0 || age > 60 {
+		t.Fatalf("parked age of d1 = %v s", age)
+	}
+	if n := testutil.ToFloat64(eng.metrics.parkedBatches); n != 1 {
+		t.Fatalf("parked batches = %v, want 1", n)
+	}
+	if _, err := parked.Purge(context.Background(), e.js, "d1", parked.Range{}, false); err != nil {
+		t.Fatal(err)
+	}
+	eng.watchParked(context.Background())
+	if n := testutil.CollectAndCount(eng.metrics.parkedAge); n != 0 {
+		t.Fatalf("%d parked-age series left after the data went", n)
+	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
@@ -38,6 +39,9 @@ type Config struct {
 	StallAfter time.Duration
 	// BacklogInterval is how often DELIVERY's backlog is read; 5 s when zero.
 	BacklogInterval time.Duration
+	// ParkedInterval is how often PARKED is summarised for the parked-age
+	// gauges; 30 s when zero.
+	ParkedInterval time.Duration
 }
 
 // Engine is the monitor's decision loop.
@@ -54,6 +58,11 @@ type Engine struct {
 	statsMu sync.Mutex
 	windows map[string]*health.Window
 	stalls  *stall.Tracker
+
+	// parkedSeen is the last PARKED summary, to delete the gauges of
+	// destinations whose parked data is gone; only watchParked uses it.
+	parkedMu   sync.Mutex
+	parkedSeen map[string]parked.Backlog
 
 	mu      sync.Mutex
 	machine *health.Machine // non-nil only while this replica leads
@@ -77,6 +86,9 @@ func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, c
 	}
 	if cfg.BacklogInterval <= 0 {
 		cfg.BacklogInterval = 5 * time.Second
+	}
+	if cfg.ParkedInterval <= 0 {
+		cfg.ParkedInterval = 30 * time.Second
 	}
 	stalls, err := stall.New(cfg.StallAfter)
 	if err != nil {
@@ -128,6 +140,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	defer g.Stop()
 	g.Go(func() { e.consumeOutcomes(ctx) })
 	g.Go(func() { lifecycle.Every(ctx, e.cfg.BacklogInterval, e.watchBacklog) })
+	g.Go(func() { lifecycle.Every(ctx, e.cfg.ParkedInterval, e.watchParked) })
 
 	sub := e.reg.Subscribe()
 	defer sub.Close()

@@ -10,6 +10,10 @@ type metrics struct {
 	backlog   prometheus.Gauge
 	stalled   prometheus.Gauge
 	stalls    prometheus.Counter
+
+	parkedAge     *prometheus.GaugeVec
+	parkedBatches prometheus.Gauge
+	parkedOldest  prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -36,8 +40,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		stalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "bulkhead_monitor_stalls_total", Help: "Times a destination's backlog was found stalled.",
 		}),
+		parkedAge: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bulkhead_monitor_parked_oldest_age_seconds",
+			Help: "Age of a destination's oldest parked batch; only destinations with parked data have a series. Alarm well before the export window.",
+		}, []string{"destination"}),
+		parkedBatches: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_monitor_parked_batches", Help: "Batches in PARKED, all destinations together.",
+		}),
+		parkedOldest: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bulkhead_monitor_parked_oldest_age_max_seconds", Help: "Age of the oldest parked batch of any destination.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.backlog, m.stalled, m.stalls, m.leader, m.outcomes, m.decisions, m.probes} {
+	for _, c := range []prometheus.Collector{m.parkedAge, m.parkedBatches, m.parkedOldest, m.backlog, m.stalled, m.stalls, m.leader, m.outcomes, m.decisions, m.probes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
