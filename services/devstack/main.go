@@ -116,8 +116,8 @@ func run(ctx context.Context, log *slog.Logger, dataDir, host string, port int) 
 			if err := waitServing(ctx, ing.GRPCAddr, mon.AdminAddr); err != nil {
 				return nil // shutting down before the services came up
 			}
-			log.Info("bulkhead is up", "ingest_grpc", ing.GRPCAddr, "admin_grpc", mon.AdminAddr, "nats", url,
-				"api_key", "dev-key (tenant demo)", "admin_token", "dev-admin (operator), dev-viewer (read)")
+			log.Info("bulkhead is up", append([]any{"ingest_grpc", ing.GRPCAddr, "admin_grpc", mon.AdminAddr, "nats", url},
+				credentials(os.LookupEnv)...)...)
 			<-ctx.Done()
 			return nil
 		}},
@@ -169,3 +169,18 @@ func (l natsLogger) Fatalf(format string, v ...any)  { l.log.Error(fmt.Sprintf(f
 func (l natsLogger) Errorf(format string, v ...any)  { l.log.Error(fmt.Sprintf(format, v...)) }
 func (l natsLogger) Debugf(format string, v ...any)  { l.log.Debug(fmt.Sprintf(format, v...)) }
 func (l natsLogger) Tracef(format string, v ...any)  { l.log.Debug(fmt.Sprintf(format, v...)) }
+
+// credentials says which API keys and admin tokens are in force for the
+// banner: the development ones by name when they are (they are public), and
+// never the value of a key or token an operator configured.
+func credentials(lookup func(string) (string, bool)) []any {
+	apiKey := "dev-key (tenant demo)"
+	if _, set := lookup(conf.EnvName(ingest.EnvPrefix, "api-keys")); set {
+		apiKey = "as configured in " + conf.EnvName(ingest.EnvPrefix, "api-keys")
+	}
+	adminToken := "dev-admin (operator), dev-viewer (read)"
+	if _, set := lookup(conf.EnvName(monitor.EnvPrefix, "admin-tokens")); set {
+		adminToken = "as configured in " + conf.EnvName(monitor.EnvPrefix, "admin-tokens")
+	}
+	return []any{"api_key", apiKey, "admin_token", adminToken}
+}
