@@ -140,6 +140,16 @@ func Every(ctx context.Context, interval time.Duration, step func(context.Contex
 	}
 }
 
+// Backoff is the wait before retry number attempt (0 for the first): first,
+// doubling with each attempt, never above ceiling.
+func Backoff(attempt int, first, ceiling time.Duration) time.Duration {
+	d := first
+	for i := 0; i < attempt && d < ceiling; i++ {
+		d *= 2
+	}
+	return min(d, ceiling)
+}
+
 // Sleep waits for d and reports whether ctx is still live; it returns
 // false at once when ctx ends first.
 func Sleep(ctx context.Context, d time.Duration) bool {

@@ -131,3 +131,16 @@ func TestEveryRunsStepUntilCancelled(t *testing.T) {
 		t.Fatal("Sleep on a cancelled context reported live")
 	}
 }
+
+func TestBackoffDoublesToItsCeiling(t *testing.T) {
+	var got []time.Duration
+	for a := range 7 {
+		got = append(got, Backoff(a, 100*time.Millisecond, time.Second))
+	}
+	want := []time.Duration{100, 200, 400, 800, 1000, 1000, 1000}
+	for i := range want {
+		if got[i] != want[i]*time.Millisecond {
+			t.Fatalf("Backoff = %v, want %v ms", got, want)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -72,10 +73,8 @@ func Connect(ctx context.Context, o Options, log *slog.Logger) (*nats.Conn, jets
 			logged = time.Now()
 			log.Warn("nats not answering yet; waiting", "url", o.URL, "err", err)
 		}
-		select {
-		case <-ctx.Done():
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 1600*time.Millisecond)) {
 			return nil, nil, fmt.Errorf("connect nats %s: %w (last error: %v)", o.URL, ctx.Err(), err)
-		case <-time.After(min(100*time.Millisecond<<min(attempt, 4), 2*time.Second)):
 		}
 	}
 	js, err := jetstream.New(nc)

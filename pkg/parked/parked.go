@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -346,18 +347,15 @@ func Summary(ctx context.Context, js jetstream.JetStream) (map[string]Backlog, e
 	if err != nil {
 		return nil, err
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(topology.AllParked))
+	counts, first, err := stream.PerDestination(ctx, s, topology.AllParked)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string]Backlog, len(info.State.Subjects))
-	for subj, n := range info.State.Subjects {
-		id, err := topology.IDFrom(subj)
-		if err != nil || n == 0 {
-			continue
-		}
+	out := make(map[string]Backlog, len(counts))
+	for id, n := range counts {
 		b := Backlog{Batches: int64(n)}
-		if raw, err := s.GetMsg(ctx, info.State.FirstSeq, jetstream.WithGetMsgSubject(subj)); err == nil {
+		subj, _ := topology.Parked(id) // valid: IDFrom checked it
+		if raw, err := s.GetMsg(ctx, first, jetstream.WithGetMsgSubject(subj)); err == nil {
 			b.Oldest = raw.Time
 		}
 		out[id] = b

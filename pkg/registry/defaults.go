@@ -30,18 +30,28 @@ func DefaultDestination() DestinationDefaults {
 	return DestinationDefaults{MaxBatchImpressions: 500, MaxBatchBytes: 1 << 20, Linger: 200 * time.Millisecond, Timeout: webhook.DefaultTimeout}
 }
 
-// Fill sets every limit d leaves unset (zero) to the default.
+// Of returns the limits in force for d: its own, and the default for each
+// it leaves unset (zero). It copies nothing, so the data plane can ask for
+// every batch.
+func (def DestinationDefaults) Of(d *adminv1.Destination) DestinationDefaults {
+	if n := d.GetMaxBatchImpressions(); n != 0 {
+		def.MaxBatchImpressions = n
+	}
+	if n := d.GetMaxBatchBytes(); n != 0 {
+		def.MaxBatchBytes = n
+	}
+	if d.GetLinger() != nil {
+		def.Linger = d.GetLinger().AsDuration()
+	}
+	if t := d.GetTimeout().AsDuration(); t != 0 {
+		def.Timeout = t
+	}
+	return def
+}
+
+// Fill sets every limit d leaves unset (zero) to the default, as Of reads it.
 func (def DestinationDefaults) Fill(d *adminv1.Destination) {
-	if d.GetMaxBatchImpressions() == 0 {
-		d.MaxBatchImpressions = def.MaxBatchImpressions
-	}
-	if d.GetMaxBatchBytes() == 0 {
-		d.MaxBatchBytes = def.MaxBatchBytes
-	}
-	if d.GetLinger() == nil {
-		d.Linger = durationpb.New(def.Linger)
-	}
-	if d.GetTimeout().AsDuration() == 0 {
-		d.Timeout = durationpb.New(def.Timeout)
-	}
+	in := def.Of(d)
+	d.MaxBatchImpressions, d.MaxBatchBytes = in.MaxBatchImpressions, in.MaxBatchBytes
+	d.Linger, d.Timeout = durationpb.New(in.Linger), durationpb.New(in.Timeout)
 }

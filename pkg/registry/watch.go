@@ -116,7 +116,7 @@ func (r *Registry) follow(ctx context.Context, w *watch) {
 			}
 			r.log.Warn("registry watch ended; watching again", "bucket", w.kv.Bucket())
 		}
-		if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 6), 5*time.Second)) {
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 5*time.Second)) {
 			return
 		}
 		lctx, cancel := context.WithTimeout(ctx, 30*time.Second)

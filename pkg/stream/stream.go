@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -171,6 +172,24 @@ const (
 	PullHeartbeat = 2 * time.Second
 )
 
+// PerDestination returns how many messages s holds on each destination's
+// subject matching filter (imp.deliver.> or imp.parked.>), by destination
+// id, and the stream's first sequence (where a search by subject starts):
+// one stream-info request, however many destinations there are.
+func PerDestination(ctx context.Context, s jetstream.Stream, filter string) (map[string]uint64, uint64, error) {
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, 0, err
+	}
+	out := make(map[string]uint64, len(info.State.Subjects))
+	for subj, n := range info.State.Subjects {
+		if id, err := topology.IDFrom(subj); err == nil && n > 0 {
+			out[id] = n
+		}
+	}
+	return out, info.State.FirstSeq, nil
+}
+
 // EnvelopeReserve is what a batch may grow by between Submit and PARKED:
 // its id, tenant and timestamps when stored, its destination when routed,
 // its park reason (at most MaxParkReason bytes), attempts and headers when
@@ -294,10 +313,8 @@ func retry(ctx context.Context, op func(context.Context) error) error {
 		if errors.As(err, &p) {
 			return p.error
 		}
-		select {
-		case <-ctx.Done():
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 2*time.Second)) {
 			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
-		case <-time.After(min(100*time.Millisecond<<min(attempt, 5), 2*time.Second)):
 		}
 	}
 }

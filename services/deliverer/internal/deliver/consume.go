@@ -45,7 +45,7 @@ func (l *lane) run(ctx context.Context) {
 			attempt = 0 // asked for: start again at once
 		default:
 			l.d.log.Warn("pull subscription ended; starting another", "destination", l.id, "reason", why.String())
-			if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+			if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 5*time.Second)) {
 				return
 			}
 		}

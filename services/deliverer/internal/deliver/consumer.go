@@ -44,7 +44,7 @@ func (l *lane) ensureConsumer(ctx context.Context) bool {
 			return true
 		}
 		l.d.log.Error("create consumer", "destination", l.id, "err", err)
-		if !lifecycle.Sleep(ctx, min(time.Second<<min(attempt, 5), 30*time.Second)) {
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, time.Second, 30*time.Second)) {
 			return false
 		}
 	}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/protobuf/proto"
 
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
@@ -280,9 +279,8 @@ func (d *Deliverer) oldestUndelivered(ctx context.Context, l *lane, info *jetstr
 // every limit; a record without one gets registry's defaults, the same
 // values the admin API would have filled in.
 func (d *Deliverer) limits(dest *adminv1.Destination) batch.Limits {
-	full := proto.Clone(dest).(*adminv1.Destination)
-	registry.DefaultDestination().Fill(full)
-	return batch.Limits{MaxImpressions: int(full.GetMaxBatchImpressions()), MaxBytes: int(full.GetMaxBatchBytes()), Linger: full.GetLinger().AsDuration()}
+	in := registry.DefaultDestination().Of(dest)
+	return batch.Limits{MaxImpressions: int(in.MaxBatchImpressions), MaxBytes: int(in.MaxBatchBytes), Linger: in.Linger}
 }
 
 // timeout bounds one POST to dest.

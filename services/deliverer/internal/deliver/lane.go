@@ -56,9 +56,14 @@ type lane struct {
 }
 
 func newLane(d *Deliverer, dest *adminv1.Destination) *lane {
-	l := &lane{d: d, id: dest.GetId(), tenant: dest.GetTenantId(), owned: map[uint64]owned{}, wake: make(chan struct{}, 1), repull: make(chan struct{}, 1)}
+	l := emptyLane(d, dest.GetId(), dest.GetTenantId())
 	l.setDestination(dest)
 	return l
+}
+
+// emptyLane returns a lane with no destination settings yet.
+func emptyLane(d *Deliverer, id, tenant string) *lane {
+	return &lane{d: d, id: id, tenant: tenant, owned: map[uint64]owned{}, wake: make(chan struct{}, 1), repull: make(chan struct{}, 1)}
 }
 
 func (l *lane) setDestination(dest *adminv1.Destination) {

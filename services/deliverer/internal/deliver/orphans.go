@@ -4,10 +4,9 @@ import (
 	"context"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -26,7 +25,7 @@ func (d *Deliverer) adoptOrphans(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	info, err := st.Info(cctx, jetstream.WithSubjectFilter(topology.AllDeliver))
+	counts, _, err := stream.PerDestination(cctx, st, topology.AllDeliver)
 	if err != nil {
 		return
 	}
@@ -36,9 +35,8 @@ func (d *Deliverer) adoptOrphans(ctx context.Context) {
 	if err := d.view.AwaitCurrent(cctx, time.Now()); err != nil {
 		return
 	}
-	for subj, n := range info.State.Subjects {
-		id, err := topology.IDFrom(subj)
-		if err != nil || n == 0 || d.view.Destination(id) != nil {
+	for id, n := range counts {
+		if d.view.Destination(id) != nil {
 			continue
 		}
 		d.mu.Lock()
@@ -58,7 +56,7 @@ func (d *Deliverer) adoptOrphans(ctx context.Context) {
 // lane serves it (with no tenant for fair scheduling until it is replaced);
 // issue 9's destination incarnations settle what a reused id may inherit.
 func newOrphanLane(d *Deliverer, id string) *lane {
-	l := &lane{d: d, id: id, dest: &adminv1.Destination{Id: id}, deleted: true, hold: parked.Deleted,
-		owned: map[uint64]owned{}, wake: make(chan struct{}, 1), repull: make(chan struct{}, 1)}
+	l := emptyLane(d, id, "")
+	l.dest, l.deleted, l.hold = &adminv1.Destination{Id: id}, true, parked.Deleted
 	return l
 }

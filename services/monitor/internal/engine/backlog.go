@@ -4,9 +4,8 @@ import (
 	"context"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
+	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
@@ -35,15 +34,13 @@ func (e *Engine) readBacklog(ctx context.Context) (map[string]int64, error) {
 	if err != nil {
 		return nil, err
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(topology.AllDeliver))
+	counts, _, err := stream.PerDestination(ctx, st, topology.AllDeliver)
 	if err != nil {
 		return nil, err
 	}
-	backlog := make(map[string]int64, len(info.State.Subjects))
-	for subj, n := range info.State.Subjects {
-		if id, err := topology.IDFrom(subj); err == nil {
-			backlog[id] = int64(n)
-		}
+	backlog := make(map[string]int64, len(counts))
+	for id, n := range counts {
+		backlog[id] = int64(n)
 	}
 	return backlog, nil
 }
@@ -107,14 +104,12 @@ func (e *Engine) watchParked(ctx context.Context) {
 		oldest = max(oldest, age)
 		e.metrics.parkedAge.WithLabelValues(id).Set(age.Seconds())
 	}
-	e.parkedMu.Lock()
 	for id := range e.parkedSeen {
 		if _, ok := sum[id]; !ok {
 			e.metrics.parkedAge.DeleteLabelValues(id)
 		}
 	}
 	e.parkedSeen = sum
-	e.parkedMu.Unlock()
 	e.metrics.parkedBatches.Set(float64(total))
 	e.metrics.parkedOldest.Set(oldest.Seconds())
 }

@@ -60,8 +60,8 @@ type Engine struct {
 	stalls  *stall.Tracker
 
 	// parkedSeen is the last PARKED summary, to delete the gauges of
-	// destinations whose parked data is gone; only watchParked uses it.
-	parkedMu   sync.Mutex
+	// destinations whose parked data is gone. Only the watchParked loop
+	// (one goroutine) touches it.
 	parkedSeen map[string]parked.Backlog
 
 	mu      sync.Mutex

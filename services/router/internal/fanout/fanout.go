@@ -71,7 +71,7 @@ func (r *Fanout) Run(ctx context.Context) error {
 			break
 		}
 		r.log.Warn("router consumer not created yet; retrying", "err", err)
-		if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 5*time.Second)) {
 			return nil
 		}
 	}
@@ -113,7 +113,7 @@ func (r *Fanout) Run(ctx context.Context) error {
 			break
 		}
 		r.metrics.repulls.WithLabelValues("closed").Inc()
-		if !lifecycle.Sleep(ctx, min(100*time.Millisecond<<min(attempt, 5), 5*time.Second)) {
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, 100*time.Millisecond, 5*time.Second)) {
 			break
 		}
 		if c, err := r.ensureConsumer(ctx); err == nil {

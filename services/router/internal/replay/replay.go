@@ -183,7 +183,7 @@ func (r *Replayer) move(ctx context.Context, dest string) {
 			return
 		}
 		r.log.Error("replay interrupted; retrying", "destination", dest, "batches", b, "err", err)
-		if !lifecycle.Sleep(ctx, min(time.Second<<min(attempt, 5), 30*time.Second)) {
+		if !lifecycle.Sleep(ctx, lifecycle.Backoff(attempt, time.Second, 30*time.Second)) {
 			return
 		}
 	}
