@@ -33,26 +33,6 @@ func buildDevstack(ctx context.Context, root, dir string) (string, error) {
 	return bin, nil
 }
 
-// repoRoot finds the workspace root (the directory holding go.work) from the
-// working directory upwards.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for range 10 {
-		if _, err := os.Stat(filepath.Join(dir, "go.work")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			break
-		}
-		dir = parent
-	}
-	return "", errors.New("go.work not found above the working directory; run from the repository")
-}
-
 // child is a running Bulkhead dev stack process.
 type child struct {
 	cmd         *exec.Cmd

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
+	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/report"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/sharedqueue"
@@ -78,7 +79,7 @@ func (c *common) prepare(ctx context.Context, log *slog.Logger) (bin string, cle
 	if err := c.cfg.Validate(); err != nil {
 		return "", nil, err
 	}
-	root, err := repoRoot()
+	root, err := repo.Root()
 	if err != nil {
 		return "", nil, err
 	}
@@ -216,7 +217,7 @@ func runScenario(ctx context.Context, log *slog.Logger, args []string) error {
 // and stdout, and prints the isolation summary line last.
 func writeScenario(log *slog.Logger, c *common, outDir, name string, rec *report.Recorder, runs []*systemRun) error {
 	cfg := c.cfg
-	root, err := repoRoot()
+	root, err := repo.Root()
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/e2e/internal/fleet"
+	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/report"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
 )
@@ -149,7 +150,7 @@ func runThroughput(ctx context.Context, log *slog.Logger, args []string) error {
 		"Floor relay: one publisher keeps a file-backed work-queue stream full of ready webhook bodies; one pull consumer feeds HTTP workers that POST each body (signed) to the same kind of fleet and ack after the 2xx. Same NATS build, same machine, same sink.",
 	}
 
-	root, err := repoRoot()
+	root, err := repo.Root()
 	if err != nil {
 		return err
 	}

@@ -8,7 +8,6 @@ package cluster
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -20,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
 	"github.com/bulkhead-io/bulkhead/pkg/natstest"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -43,7 +43,7 @@ func Binary() (string, error) {
 }
 
 func build() (string, error) {
-	root, err := repoRoot()
+	root, err := repo.Root()
 	if err != nil {
 		return "", err
 	}
@@ -71,24 +71,6 @@ func build() (string, error) {
 		return "", fmt.Errorf("cluster: %w", err)
 	}
 	return out, nil
-}
-
-// repoRoot finds the directory holding go.work above the working directory.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.work")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("cluster: go.work not found above the working directory")
-		}
-		dir = parent
-	}
 }
 
 // Cluster is a running set of nats-server processes on loopback.
