@@ -347,12 +347,13 @@ func Summary(ctx context.Context, js jetstream.JetStream) (map[string]Backlog, e
 	if err != nil {
 		return nil, err
 	}
-	counts, first, err := stream.PerDestination(ctx, s, topology.AllParked)
+	sh, err := stream.PerSubject(ctx, s, topology.AllParked)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string]Backlog, len(counts))
-	for id, n := range counts {
+	first := sh.FirstSeq
+	out := make(map[string]Backlog, len(sh.ByID))
+	for id, n := range sh.ByID {
 		b := Backlog{Batches: int64(n)}
 		subj, _ := topology.Parked(id) // valid: IDFrom checked it
 		if raw, err := s.GetMsg(ctx, first, jetstream.WithGetMsgSubject(subj)); err == nil {

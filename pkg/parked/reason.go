@@ -19,11 +19,13 @@ const (
 	Rejected                     // the endpoint refused the batch (a permanent 4xx)
 	Exhausted                    // retries ran out
 	Unencodable                  // the batch could not be turned into a body
+	OverBudget                   // its destination's DELIVERY backlog was at its budget
 )
 
 var classNames = map[Class]string{
 	Quarantined: "quarantined", Paused: "paused", Disabled: "destination disabled", Deleted: "destination deleted",
 	NoSecret: "destination has no usable secret", Rejected: "rejected", Exhausted: "retries exhausted", Unencodable: "unencodable",
+	OverBudget: "delivery backlog over budget",
 }
 
 // String is the class's name: the metric label, and the whole stored reason

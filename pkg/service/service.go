@@ -70,6 +70,9 @@ func (b *Base) RegisterStreamFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&b.Streams.ParkedMaxBytes, "parked-max-bytes", d.ParkedMaxBytes, "PARKED stream size; when full, routing waits and alarms")
 	fs.DurationVar(&b.Streams.ParkedMaxAge, "export-window", d.ParkedMaxAge, "how long parked impressions are kept for replay and export")
 	fs.DurationVar(&b.Streams.DedupWindow, "dedup-window", d.DedupWindow, "how long an idempotency key is remembered")
+	fs.Int64Var(&b.Streams.TenantBacklog, "tenant-backlog-batches", d.TenantBacklog, "a tenant's share of IMPRESSIONS (accepted, not yet routed), in batches; beyond it ingest refuses that tenant")
+	fs.Int64Var(&b.Streams.DestinationBacklog, "destination-backlog-batches", d.DestinationBacklog, "a destination's share of DELIVERY, in batches; beyond it its new batches are parked")
+	fs.Int64Var(&b.Streams.DestinationParked, "destination-parked-batches", d.DestinationParked, "a destination's share of PARKED, in batches (its tenant is refused at ingest before it is reached)")
 	fs.BoolVar(&b.Streams.AllowShrink, "allow-stream-shrink", false, "let a smaller -*-max-bytes or -export-window shrink existing streams (deletes parked data older than the new window)")
 }
 

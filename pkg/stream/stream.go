@@ -39,6 +39,19 @@ type Limits struct {
 	DedupWindow time.Duration
 	// MaxConsumers on DELIVERY: one durable consumer per destination.
 	MaxConsumers int
+	// TenantBacklog bounds one tenant's batches in IMPRESSIONS (accepted,
+	// not yet routed). JetStream refuses the tenant's next batch beyond it,
+	// and ingest answers ResourceExhausted; other tenants are not affected.
+	TenantBacklog int64
+	// DestinationBacklog bounds one destination's batches in DELIVERY
+	// (routed, not yet delivered). Beyond it JetStream refuses the
+	// destination's next batch and the router parks it instead
+	// (parked.OverBudget), so a slow destination grows PARKED, not DELIVERY.
+	DestinationBacklog int64
+	// DestinationParked bounds one destination's batches in PARKED. The
+	// monitor refuses the destination's tenant at ingest before it is
+	// reached; the limit is the backstop when the monitor is not running.
+	DestinationParked int64
 	// AllowShrink lets Ensure lower a stream's MaxBytes or MaxAge. Without
 	// it Ensure refuses (ErrShrink): a smaller MaxAge deletes older data at
 	// once, a smaller MaxBytes makes producers stall.
@@ -61,6 +74,9 @@ func DefaultLimits() Limits {
 		AuditMaxAge:         90 * 24 * time.Hour,
 		DedupWindow:         time.Hour,
 		MaxConsumers:        10000,
+		TenantBacklog:       5000,
+		DestinationBacklog:  10000,
+		DestinationParked:   200000,
 	}
 }
 
@@ -93,6 +109,15 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxConsumers == 0 {
 		l.MaxConsumers = d.MaxConsumers
 	}
+	if l.TenantBacklog == 0 {
+		l.TenantBacklog = d.TenantBacklog
+	}
+	if l.DestinationBacklog == 0 {
+		l.DestinationBacklog = d.DestinationBacklog
+	}
+	if l.DestinationParked == 0 {
+		l.DestinationParked = d.DestinationParked
+	}
 	return l
 }
 
@@ -107,33 +132,41 @@ func Streams(l Limits) []jetstream.StreamConfig {
 			Retention:   jetstream.WorkQueuePolicy,
 			Discard:     jetstream.DiscardNew,
 			MaxBytes:    l.ImpressionsMaxBytes,
-			Duplicates:  l.DedupWindow,
-			Storage:     jetstream.FileStorage,
-			Replicas:    l.Replicas,
+			// One subject per tenant: its share of the stream.
+			MaxMsgsPerSubject:    l.TenantBacklog,
+			DiscardNewPerSubject: true,
+			Duplicates:           l.DedupWindow,
+			Storage:              jetstream.FileStorage,
+			Replicas:             l.Replicas,
 		},
 		{
-			Name:         topology.StreamDelivery,
-			Description:  "routed batches, not yet delivered",
-			Subjects:     []string{topology.AllDeliver},
-			Retention:    jetstream.WorkQueuePolicy,
-			Discard:      jetstream.DiscardNew,
-			MaxBytes:     l.DeliveryMaxBytes,
-			Duplicates:   5 * time.Minute,
-			MaxConsumers: l.MaxConsumers,
-			Storage:      jetstream.FileStorage,
-			Replicas:     l.Replicas,
-		},
-		{
-			Name:        topology.StreamParked,
-			Description: "quarantined, paused and undeliverable batches; replay and export source",
-			Subjects:    []string{topology.AllParked},
-			Retention:   jetstream.LimitsPolicy,
+			Name:        topology.StreamDelivery,
+			Description: "routed batches, not yet delivered",
+			Subjects:    []string{topology.AllDeliver},
+			Retention:   jetstream.WorkQueuePolicy,
 			Discard:     jetstream.DiscardNew,
-			MaxBytes:    l.ParkedMaxBytes,
-			MaxAge:      l.ParkedMaxAge,
-			Duplicates:  5 * time.Minute,
-			Storage:     jetstream.FileStorage,
-			Replicas:    l.Replicas,
+			MaxBytes:    l.DeliveryMaxBytes,
+			// One subject per destination: its share of the stream.
+			MaxMsgsPerSubject:    l.DestinationBacklog,
+			DiscardNewPerSubject: true,
+			Duplicates:           5 * time.Minute,
+			MaxConsumers:         l.MaxConsumers,
+			Storage:              jetstream.FileStorage,
+			Replicas:             l.Replicas,
+		},
+		{
+			Name:                 topology.StreamParked,
+			Description:          "quarantined, paused and undeliverable batches; replay and export source",
+			Subjects:             []string{topology.AllParked},
+			Retention:            jetstream.LimitsPolicy,
+			Discard:              jetstream.DiscardNew,
+			MaxBytes:             l.ParkedMaxBytes,
+			MaxAge:               l.ParkedMaxAge,
+			MaxMsgsPerSubject:    l.DestinationParked,
+			DiscardNewPerSubject: true,
+			Duplicates:           5 * time.Minute,
+			Storage:              jetstream.FileStorage,
+			Replicas:             l.Replicas,
 		},
 		{
 			Name:        topology.StreamOutcomes,
@@ -172,22 +205,50 @@ const (
 	PullHeartbeat = 2 * time.Second
 )
 
-// PerDestination returns how many messages s holds on each destination's
-// subject matching filter (imp.deliver.> or imp.parked.>), by destination
-// id, and the stream's first sequence (where a search by subject starts):
-// one stream-info request, however many destinations there are.
-func PerDestination(ctx context.Context, s jetstream.Stream, filter string) (map[string]uint64, uint64, error) {
+// Shares is what a stream holds, in all and on each tenant's or
+// destination's subject.
+type Shares struct {
+	// ByID counts the messages on each subject matching the filter, by the
+	// id that ends it (a destination or tenant); subjects holding none are
+	// left out.
+	ByID map[string]uint64
+	// FirstSeq is the stream's first sequence, where a search by subject starts.
+	FirstSeq uint64
+	// Bytes and MaxBytes are the stream's size and limit.
+	Bytes    uint64
+	MaxBytes int64
+	// PerSubjectLimit is the stream's MaxMsgsPerSubject: one share's budget
+	// (0 or less: none).
+	PerSubjectLimit int64
+}
+
+// Fill is the fraction of its MaxBytes the stream holds (0 without a limit).
+func (s Shares) Fill() float64 {
+	if s.MaxBytes <= 0 {
+		return 0
+	}
+	return float64(s.Bytes) / float64(s.MaxBytes)
+}
+
+// PerSubject returns what s holds on each subject matching filter
+// (imp.deliver.>, imp.parked.> or imp.in.>): one stream-info request,
+// however many destinations there are.
+func PerSubject(ctx context.Context, s jetstream.Stream, filter string) (Shares, error) {
 	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
 	if err != nil {
-		return nil, 0, err
+		return Shares{}, err
 	}
-	out := make(map[string]uint64, len(info.State.Subjects))
+	out := Shares{
+		ByID:     make(map[string]uint64, len(info.State.Subjects)),
+		FirstSeq: info.State.FirstSeq, Bytes: info.State.Bytes, MaxBytes: info.Config.MaxBytes,
+		PerSubjectLimit: info.Config.MaxMsgsPerSubject,
+	}
 	for subj, n := range info.State.Subjects {
 		if id, err := topology.IDFrom(subj); err == nil && n > 0 {
-			out[id] = n
+			out.ByID[id] = n
 		}
 	}
-	return out, info.State.FirstSeq, nil
+	return out, nil
 }
 
 // EnvelopeReserve is what a batch may grow by between Submit and PARKED:
@@ -211,6 +272,7 @@ func Buckets(l Limits) []jetstream.KeyValueConfig {
 	return []jetstream.KeyValueConfig{
 		{Bucket: topology.BucketDestinations, Description: "destination registry", History: 10, Storage: jetstream.FileStorage, Replicas: l.Replicas},
 		{Bucket: topology.BucketQuarantine, Description: "decisions the routers and deliverers enforce", History: 20, Storage: jetstream.FileStorage, Replicas: l.Replicas},
+		{Bucket: topology.BucketAdmission, Description: "tenants ingest refuses because a budget is spent", History: 5, Storage: jetstream.FileStorage, Replicas: l.Replicas},
 		{Bucket: topology.BucketLeases, Description: "leadership leases", History: 1, TTL: LeaseTTL, Storage: jetstream.FileStorage, Replicas: l.Replicas},
 	}
 }
@@ -253,6 +315,9 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 	if err := shrinks(have, cfg); err != nil && !allowShrink {
 		return permanent{err}
 	}
+	if err := overfull(ctx, s, have, cfg); err != nil && !allowShrink {
+		return permanent{err}
+	}
 	_, err = js.UpdateStream(ctx, cfg)
 	return err
 }
@@ -270,11 +335,32 @@ func shrinks(have, want jetstream.StreamConfig) error {
 	return nil
 }
 
+// overfull reports, when want lowers the per-subject limit, a subject of
+// s holding more than the new limit: JetStream would delete its oldest
+// messages to fit. A lower limit every subject already fits in is no
+// shrink (enabling budgets on an existing deployment, say).
+func overfull(ctx context.Context, s jetstream.Stream, have, want jetstream.StreamConfig) error {
+	if want.MaxMsgsPerSubject <= 0 || (have.MaxMsgsPerSubject > 0 && have.MaxMsgsPerSubject <= want.MaxMsgsPerSubject) {
+		return nil
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(">"))
+	if err != nil {
+		return err
+	}
+	for subj, n := range info.State.Subjects {
+		if int64(n) > want.MaxMsgsPerSubject {
+			return fmt.Errorf("%s max messages per subject -> %d, but %s holds %d: %w", want.Name, want.MaxMsgsPerSubject, subj, n, ErrShrink)
+		}
+	}
+	return nil
+}
+
 // same reports whether the stored configuration already has what Streams sets.
 func same(have, want jetstream.StreamConfig) bool {
 	return slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
 		have.Discard == want.Discard && have.MaxBytes == want.MaxBytes && have.MaxAge == want.MaxAge &&
 		have.Duplicates == want.Duplicates && have.MaxConsumers == want.MaxConsumers &&
+		have.MaxMsgsPerSubject == want.MaxMsgsPerSubject && have.DiscardNewPerSubject == want.DiscardNewPerSubject &&
 		have.Replicas == want.Replicas && have.Storage == want.Storage && have.Description == want.Description
 }
 
@@ -352,12 +438,22 @@ func Await(ctx context.Context, js jetstream.JetStream, waiting func(missing str
 // stream with "discard new" reached its limits. Callers must back off and
 // refuse upstream; the message was not stored.
 func IsFull(err error) bool {
+	if IsSubjectFull(err) {
+		return false
+	}
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) {
 		// 10077 is JSStreamStoreFailedF, which carries "maximum bytes/messages exceeded".
 		return apiErr.ErrorCode == 10077 || apiErr.Code == 503 && containsLimit(apiErr.Description)
 	}
 	return containsLimit(err.Error())
+}
+
+// IsSubjectFull reports whether err is JetStream refusing a message because
+// its subject holds the stream's MaxMsgsPerSubject: one tenant's or one
+// destination's share is spent, not the stream.
+func IsSubjectFull(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "maximum messages per subject exceeded")
 }
 
 func containsLimit(s string) bool {

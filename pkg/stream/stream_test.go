@@ -155,3 +155,77 @@ func TestAwaitWaitsForTheOwner(t *testing.T) {
 		t.Fatalf("Await with everything there: %v", err)
 	}
 }
+
+// TestSubjectBudgetRefusesOnlyItsSubject: one destination at its DELIVERY
+// budget is refused (IsSubjectFull, not IsFull), another destination is
+// still stored, and acknowledging frees the budget (a work queue's subject
+// count is its backlog).
+func TestSubjectBudgetRefusesOnlyItsSubject(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := Ensure(ctx, js, Limits{DestinationBacklog: 3}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := js.Publish(ctx, "imp.deliver.full", []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := js.Publish(ctx, "imp.deliver.full", []byte("over"))
+	if !IsSubjectFull(err) || IsFull(err) {
+		t.Fatalf("fourth batch: %v; want IsSubjectFull and not IsFull", err)
+	}
+	if _, err := js.Publish(ctx, "imp.deliver.other", []byte("x")); err != nil {
+		t.Fatalf("another destination refused: %v", err)
+	}
+	cons, err := js.CreateConsumer(ctx, topology.StreamDelivery, jetstream.ConsumerConfig{
+		AckPolicy: jetstream.AckExplicitPolicy, FilterSubject: "imp.deliver.full",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.DoubleAck(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx, "imp.deliver.full", []byte("room again")); err != nil {
+		t.Fatalf("after one ack: %v", err)
+	}
+	if IsSubjectFull(nil) || IsSubjectFull(context.DeadlineExceeded) {
+		t.Error("IsSubjectFull of a non-limit error")
+	}
+}
+
+// TestEnsureLowersSubjectBudgetOnlyWhenItFits: a lower per-subject limit
+// that a subject already exceeds would make JetStream delete its oldest
+// batches, so Ensure refuses it unasked; one every subject fits is applied.
+func TestEnsureLowersSubjectBudgetOnlyWhenItFits(t *testing.T) {
+	_, js := natstest.Connect(t, natstest.RunJetStream(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := Ensure(ctx, js, Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if _, err := js.Publish(ctx, "imp.parked.d1", []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := Ensure(ctx, js, Limits{DestinationParked: 4}); !errors.Is(err, ErrShrink) {
+		t.Fatalf("lowering under a subject's count: %v, want ErrShrink", err)
+	}
+	if err := Ensure(ctx, js, Limits{DestinationParked: 5}); err != nil {
+		t.Fatalf("lowering to what every subject fits: %v", err)
+	}
+	s, err := js.Stream(ctx, topology.StreamParked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.CachedInfo(); got.Config.MaxMsgsPerSubject != 5 || got.State.Msgs != 5 {
+		t.Fatalf("PARKED: per-subject limit %d, %d messages; want 5, 5", got.Config.MaxMsgsPerSubject, got.State.Msgs)
+	}
+}

@@ -37,10 +37,18 @@ const (
 	BucketDestinations = "destinations"
 	BucketQuarantine   = "quarantine"
 	BucketLeases       = "leases"
+	// BucketAdmission holds, under a tenant's id, why ingest refuses the
+	// tenant (an eventv1.Refusal); the monitor writes it.
+	BucketAdmission = "admission"
 
 	// LeaseMonitor is the key in BucketLeases whose holder makes the
 	// monitor's decisions.
 	LeaseMonitor = "monitor"
+
+	// HeaderTargets on a batch in IMPRESSIONS lists, comma-separated, the
+	// only destinations it is still to be routed to: the router hands back
+	// just the outputs it could not store, not the whole batch.
+	HeaderTargets = "Bulkhead-Targets"
 
 	// ConsumerRouter is the durable consumer of IMPRESSIONS that every
 	// router replica shares.

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
@@ -132,9 +133,14 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	}
 	defer service.Drain(nc, c.ShutdownTimeout, log)
 	reg := telemetry.NewRegistry()
+	refusals, err := admission.Open(ctx, js, log)
+	if err != nil {
+		return err
+	}
+	defer refusals.Stop()
 
 	// Servers.
-	srv, err := api.New(js, ks, api.Limits{
+	srv, err := api.New(js, ks, refusals, api.Limits{
 		MaxBatchBytes:  c.MaxBatchBytes,
 		TenantRate:     c.TenantRate,
 		TenantBurst:    c.TenantBurst,

@@ -14,6 +14,7 @@ import (
 	"net"
 	"strconv"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
@@ -23,6 +24,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/admin"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/budget"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/engine"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
 )
@@ -65,6 +67,11 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.BoolVar(&e.Domain.Enabled, "failure-domains", p.Domain.Enabled, "quarantine a failure domain (host, /24) as a whole when several of its destinations fail together")
 	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
 	fs.DurationVar(&c.Engine.StallAfter, "stall-after", engine.DefaultStallAfter, "report a destination stalled when its DELIVERY backlog has not moved this long (at least 3 request timeouts)")
+	c.Engine.Budgets = budget.DefaultLimits()
+	b := &c.Engine.Budgets
+	fs.Int64Var(&b.TenantParked, "tenant-parked-budget", b.TenantParked, "parked batches a tenant may hold over all its destinations before ingest refuses it (0: no limit)")
+	fs.Float64Var(&b.HighWater, "parked-high-water", b.HighWater, "refuse a tenant once one of its destinations holds this fraction of -destination-parked-batches")
+	fs.Float64Var(&b.Pressure, "store-pressure", b.Pressure, "when a shared stream is this full (fraction of its bytes), refuse the tenants holding more than an equal share of it (0: off)")
 	fs.StringVar(&c.Engine.Holder, "replica-id", service.ReplicaID(), "this replica's name in the leadership lease")
 	// The destination defaults live in registry; these flags change what
 	// the admin API stores into new destinations.
@@ -107,6 +114,9 @@ func (c *Config) Validate() error {
 	}
 	if dd := c.Defaults.Destination; dd.MaxBatchImpressions < 1 || dd.MaxBatchBytes < 1 || dd.Linger < 0 || dd.Timeout <= 0 || c.Defaults.ReplayRate <= 0 {
 		return errors.New("destination defaults must be positive")
+	}
+	if b := c.Engine.Budgets; b.TenantParked < 0 || b.HighWater < 0 || b.HighWater > 1 || b.Pressure < 0 || b.Pressure > 1 {
+		return errors.New("tenant-parked-budget must be ≥ 0, parked-high-water and store-pressure within 0..1")
 	}
 	return c.Engine.Policy.Validate()
 }
@@ -172,13 +182,18 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	if err := view.RegisterMetrics(reg); err != nil {
 		return err
 	}
-	eng, err := engine.New(ctx, js, view, client, c.Engine, log, reg)
+	refusals, err := admission.Open(ctx, js, log)
+	if err != nil {
+		return err
+	}
+	defer refusals.Stop()
+	eng, err := engine.New(ctx, js, view, refusals, client, c.Engine, log, reg)
 	if err != nil {
 		return err
 	}
 
 	// Servers.
-	srv, err := admin.New(ctx, js, policy, tokens, c.Defaults, eng.Stats, log)
+	srv, err := admin.New(ctx, js, policy, tokens, c.Defaults, eng, log)
 	if err != nil {
 		return err
 	}

@@ -17,6 +17,8 @@ type Receiver struct {
 	Status atomic.Int32
 	// Hang makes it accept requests and never answer (until Close).
 	Hang atomic.Bool
+	// Delay, in nanoseconds, is how long it takes to answer (a slow 2xx).
+	Delay atomic.Int64
 
 	mu       sync.Mutex
 	secrets  [][]byte
@@ -65,6 +67,14 @@ func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
 		case <-req.Context().Done():
 		}
 		return
+	}
+	if d := time.Duration(r.Delay.Load()); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-r.release:
+		case <-req.Context().Done():
+			return
+		}
 	}
 	status := int(r.Status.Load())
 	if status == 0 {

@@ -25,7 +25,7 @@ func (d *Deliverer) adoptOrphans(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	counts, _, err := stream.PerDestination(cctx, st, topology.AllDeliver)
+	sh, err := stream.PerSubject(cctx, st, topology.AllDeliver)
 	if err != nil {
 		return
 	}
@@ -35,7 +35,7 @@ func (d *Deliverer) adoptOrphans(ctx context.Context) {
 	if err := d.view.AwaitCurrent(cctx, time.Now()); err != nil {
 		return
 	}
-	for id, n := range counts {
+	for id, n := range sh.ByID {
 		if d.view.Destination(id) != nil {
 			continue
 		}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -27,6 +28,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
@@ -56,6 +58,7 @@ type Server struct {
 	ingestv1.UnimplementedIngestServiceServer
 	js      jetstream.JetStream
 	keys    *keys.Store
+	refused Refusals
 	limits  Limits
 	log     *slog.Logger
 	metrics *metrics
@@ -64,11 +67,17 @@ type Server struct {
 	limiters map[string]*rate.Limiter
 }
 
-// New returns a server publishing with js. The batch limit is lowered to
+// Refusals names the tenants whose budgets are spent (an admission.View).
+type Refusals interface {
+	Refusal(tenant string) *eventv1.Refusal
+}
+
+// New returns a server publishing with js and refusing the tenants refused
+// names (nil: none). The batch limit is lowered to
 // what the connected NATS server can store, route and park as one message
 // (stream.MaxBatchBytes), so a batch over it is refused for good rather
 // than answered "retry" forever.
-func New(js jetstream.JetStream, ks *keys.Store, limits Limits, log *slog.Logger, reg prometheus.Registerer) (*Server, error) {
+func New(js jetstream.JetStream, ks *keys.Store, refused Refusals, limits Limits, log *slog.Logger, reg prometheus.Registerer) (*Server, error) {
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, err
@@ -79,7 +88,7 @@ func New(js jetstream.JetStream, ks *keys.Store, limits Limits, log *slog.Logger
 			limits.MaxBatchBytes = fit
 		}
 	}
-	return &Server{js: js, keys: ks, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
+	return &Server{js: js, keys: ks, refused: refused, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
 }
 
 type tenantKey struct{}
@@ -126,6 +135,13 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 		s.metrics.refused(tenant, "too_large", n)
 		return nil, "", grpcserver.InvalidArgument("impressions", fmt.Sprintf("batch is %d bytes; the limit is %d", size, s.limits.MaxBatchBytes))
 	}
+	if s.refused != nil {
+		if r := s.refused.Refusal(tenant); r != nil {
+			s.metrics.refused(tenant, "budget", n)
+			return nil, "", refusal(codes.ResourceExhausted, fmt.Sprintf("tenant %s is refused: %s; nothing was stored, retry later", tenant, r.GetDetail()),
+				time.Duration(r.GetRetryAfterMs())*time.Millisecond, r.GetReason(), tenant, r.GetBudget())
+		}
+	}
 	if lim := s.limiter(tenant); lim != nil {
 		if r := lim.ReserveN(time.Now(), n); !r.OK() || r.Delay() > 0 {
 			var wait time.Duration
@@ -136,9 +152,8 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 				wait = time.Second
 			}
 			s.metrics.refused(tenant, "rate_limited", n)
-			st := status.New(codes.ResourceExhausted, fmt.Sprintf("tenant %s is over its rate of %.0f impressions/s", tenant, s.limits.TenantRate))
-			st, _ = st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)})
-			return nil, "", st.Err()
+			return nil, "", refusal(codes.ResourceExhausted, fmt.Sprintf("tenant %s is over its rate of %.0f impressions/s", tenant, s.limits.TenantRate),
+				wait, admission.ReasonRateLimited, tenant, nil)
 		}
 	}
 	batchID := newBatchID(tenant, req.GetIdempotencyKey())
@@ -181,12 +196,16 @@ func (s *Server) answer(tenant, batchID string, n int, ack *jetstream.PubAck, er
 // publishError is the one place JetStream errors become gRPC codes.
 func (s *Server) publishError(tenant string, n int, err error) error {
 	switch {
+	case stream.IsSubjectFull(err):
+		// The tenant's own share of IMPRESSIONS: only this tenant waits.
+		s.metrics.refused(tenant, "backlog_full", n)
+		return refusal(codes.ResourceExhausted, fmt.Sprintf("tenant %s has its most batches waiting to be routed; nothing was stored, retry later", tenant),
+			time.Second, admission.ReasonBacklogFull, tenant, nil)
 	case stream.IsFull(err):
 		s.metrics.refused(tenant, "store_full", n)
 		s.log.Warn("impressions stream full; refusing", "tenant", tenant)
-		st := status.New(codes.ResourceExhausted, "impression store is full; nothing was stored, retry later")
-		st, _ = st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)})
-		return st.Err()
+		return refusal(codes.ResourceExhausted, "impression store is full; nothing was stored, retry later",
+			time.Second, admission.ReasonStoreFull, tenant, nil)
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "canceled; the batch may or may not be stored, retry with the same idempotency key")
 	default:
@@ -194,6 +213,23 @@ func (s *Server) publishError(tenant string, n int, err error) error {
 		s.log.Warn("publish failed", "tenant", tenant, "err", err)
 		return status.Error(codes.Unavailable, "impression store unavailable; retry with the same idempotency key")
 	}
+}
+
+// refusal is a retryable refusal: code and message, a RetryInfo with wait,
+// and an ErrorInfo naming the reason (admission.Reason*), the tenant and,
+// when one is spent, the budget with its use and limit.
+func refusal(code codes.Code, msg string, wait time.Duration, reason, tenant string, b *eventv1.Budget) error {
+	info := &errdetails.ErrorInfo{Reason: reason, Domain: admission.Domain, Metadata: map[string]string{"tenant": tenant}}
+	if b != nil {
+		info.Metadata["resource"] = b.GetResource()
+		info.Metadata["used"] = strconv.FormatInt(b.GetUsed(), 10)
+		info.Metadata["limit"] = strconv.FormatInt(b.GetLimit(), 10)
+	}
+	st, err := status.New(code, msg).WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)}, info)
+	if err != nil {
+		return status.Error(code, msg)
+	}
+	return st.Err()
 }
 
 func (s *Server) limiter(tenant string) *rate.Limiter {

@@ -20,10 +20,12 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
 	"github.com/bulkhead-io/bulkhead/pkg/testkit"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
@@ -61,7 +63,13 @@ func start(t *testing.T, lim api.Limits, sl stream.Limits) *fixture {
 	if lim.MaxBatchBytes == 0 {
 		lim.MaxBatchBytes = 1 << 20
 	}
-	srv, err := api.New(js, ks, lim, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
+	log := slog.New(slog.DiscardHandler)
+	refusals, err := admission.Open(ctx, js, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(refusals.Stop)
+	srv, err := api.New(js, ks, refusals, lim, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,4 +436,106 @@ func TestBatchOverTheNATSPayloadIsRefusedForGood(t *testing.T) {
 	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(29, props)}); err != nil { // ≈ 933,000 bytes
 		t.Fatalf("Submit of a batch that fits: %v", err)
 	}
+}
+
+// refusedWith checks that err is a retryable ResourceExhausted whose
+// ErrorInfo carries reason, and returns the ErrorInfo's metadata.
+func refusedWith(t *testing.T, err error, reason string) map[string]string {
+	t.Helper()
+	st, _ := status.FromError(err)
+	if st.Code() != codes.ResourceExhausted {
+		t.Fatalf("got %v, want ResourceExhausted", err)
+	}
+	var info *errdetails.ErrorInfo
+	var retry *errdetails.RetryInfo
+	for _, d := range st.Details() {
+		switch d := d.(type) {
+		case *errdetails.ErrorInfo:
+			info = d
+		case *errdetails.RetryInfo:
+			retry = d
+		}
+	}
+	if info == nil || info.GetReason() != reason || info.GetDomain() != admission.Domain {
+		t.Fatalf("ErrorInfo %v, want reason %s", info, reason)
+	}
+	if retry == nil || retry.GetRetryDelay().AsDuration() <= 0 {
+		t.Fatalf("RetryInfo %v, want a delay", retry)
+	}
+	return info.GetMetadata()
+}
+
+// TestTenantBacklogBudgetRefusesOnlyThatTenant: a tenant with its share of
+// IMPRESSIONS full (nothing routes it here) is refused by JetStream, and
+// told so; another tenant is stored as usual.
+func TestTenantBacklogBudgetRefusesOnlyThatTenant(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{TenantBacklog: 2})
+	for range 2 {
+		if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
+	if md := refusedWith(t, err, admission.ReasonBacklogFull); md["tenant"] != "t1" {
+		t.Errorf("metadata %v", md)
+	}
+	t2 := grpctest.WithToken(context.Background(), keyT2)
+	if _, err := f.client.Submit(t2, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err != nil {
+		t.Fatalf("t2 refused with t1's share full: %v", err)
+	}
+	if got := len(f.stored(t, "t1")); got != 2 {
+		t.Errorf("t1 has %d batches stored, want 2", got)
+	}
+}
+
+// TestRefusedTenantIsRefusedWithItsReason: while the monitor's refusal of a
+// tenant is in the admission bucket, ingest refuses that tenant's batches
+// with the refusal's reason and budget, stores none of them, and serves
+// everyone else; once lifted, the tenant is accepted again.
+func TestRefusedTenantIsRefusedWithItsReason(t *testing.T) {
+	f := start(t, api.Limits{}, stream.Limits{})
+	ctx := context.Background()
+	kv, err := f.js.KeyValue(ctx, topology.BucketAdmission)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := admission.Store(ctx, kv, &eventv1.Refusal{
+		TenantId: "t1", Reason: admission.ReasonParkedBudget, Detail: "destination d1 holds 9 parked batches", RetryAfterMs: 30000,
+		Budget: &eventv1.Budget{Resource: "destination_parked", Used: 9, Limit: 10, Exhausted: true},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var last error
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		_, last = f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
+		if last == nil {
+			return errors.New("t1 still accepted")
+		}
+		return nil
+	})
+	md := refusedWith(t, last, admission.ReasonParkedBudget)
+	if md["resource"] != "destination_parked" || md["used"] != "9" || md["limit"] != "10" {
+		t.Errorf("metadata %v", md)
+	}
+	if st, _ := status.FromError(last); !strings.Contains(st.Message(), "d1 holds 9 parked batches") {
+		t.Errorf("message %q does not say why", st.Message())
+	}
+	before := len(f.stored(t, "t1"))
+	if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err == nil {
+		t.Fatal("refused tenant accepted")
+	}
+	if got := len(f.stored(t, "t1")); got != before {
+		t.Errorf("a refused batch was stored (%d -> %d)", before, got)
+	}
+	t2 := grpctest.WithToken(ctx, keyT2)
+	if _, err := f.client.Submit(t2, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err != nil {
+		t.Fatalf("t2 refused: %v", err)
+	}
+	if err := admission.Lift(ctx, kv, "t1"); err != nil {
+		t.Fatal(err)
+	}
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
+		return err
+	})
 }

@@ -37,9 +37,16 @@ type Defaults struct {
 	ReplayRate float64
 }
 
-// WindowStats returns the monitor's sliding-window figures for a destination
-// (attempts, error rate, latency, failures by class, last success), or nil.
-type WindowStats func(id string) *adminv1.DestinationHealth
+// Reporter is what the monitor's engine knows of a destination beyond the
+// buckets and streams.
+type Reporter interface {
+	// Stats returns the sliding-window figures of a destination (attempts,
+	// error rate, latency, failures by class, last success, stall), or nil.
+	Stats(id string) *adminv1.DestinationHealth
+	// Budgets returns the destination's and its tenant's budgets, and the
+	// tenant's refusal at ingest, if any.
+	Budgets(d *adminv1.Destination) ([]*eventv1.Budget, *eventv1.Refusal)
+}
 
 // Server implements adminv1.AdminServiceServer.
 type Server struct {
@@ -50,12 +57,12 @@ type Server struct {
 	policy    *netguard.Policy
 	tokens    []Token
 	defaults  Defaults
-	stats     WindowStats
+	engine    Reporter
 	log       *slog.Logger
 }
 
-// New returns the admin server. stats may be nil.
-func New(ctx context.Context, js jetstream.JetStream, policy *netguard.Policy, tokens []Token, d Defaults, stats WindowStats, log *slog.Logger) (*Server, error) {
+// New returns the admin server. engine may be nil.
+func New(ctx context.Context, js jetstream.JetStream, policy *netguard.Policy, tokens []Token, d Defaults, engine Reporter, log *slog.Logger) (*Server, error) {
 	dests, err := js.KeyValue(ctx, topology.BucketDestinations)
 	if err != nil {
 		return nil, err
@@ -64,7 +71,7 @@ func New(ctx context.Context, js jetstream.JetStream, policy *netguard.Policy, t
 	if err != nil {
 		return nil, err
 	}
-	return &Server{js: js, dests: dests, decisions: decisions, policy: policy, tokens: tokens, defaults: d, stats: stats, log: log}, nil
+	return &Server{js: js, dests: dests, decisions: decisions, policy: policy, tokens: tokens, defaults: d, engine: engine, log: log}, nil
 }
 
 func constantTimeEqual(a, b string) bool {

@@ -47,10 +47,11 @@ func (s *Server) ListDestinationHealth(ctx context.Context, req *adminv1.ListDes
 
 func (s *Server) health(ctx context.Context, d *adminv1.Destination) (*adminv1.DestinationHealth, error) {
 	h := &adminv1.DestinationHealth{}
-	if s.stats != nil {
-		if w := s.stats(d.GetId()); w != nil {
+	if s.engine != nil {
+		if w := s.engine.Stats(d.GetId()); w != nil {
 			h = w
 		}
+		h.Budgets, h.TenantRefusal = s.engine.Budgets(d)
 	}
 	h.DestinationId, h.TenantId = d.GetId(), d.GetTenantId()
 	dec, _, err := s.decision(ctx, d.GetId())

@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
-	"github.com/bulkhead-io/bulkhead/pkg/stream"
-	"github.com/bulkhead-io/bulkhead/pkg/topology"
 )
 
 // DefaultStallAfter is how long a backlog may go without moving before it
@@ -14,35 +12,25 @@ import (
 // pull heartbeats, 4 s), well below the point where customers notice.
 const DefaultStallAfter = 30 * time.Second
 
-// watchBacklog reads every destination's DELIVERY backlog and feeds the
-// stall tracker. It runs on each replica, so each one's admin API and
-// metrics report stalls; it is the body of a loop every BacklogInterval.
+// watchBacklog reads what the shared streams hold: every destination's
+// DELIVERY backlog feeds the stall tracker, and the shares of all three
+// feed the budgets (account). It runs on each replica, so each one's admin
+// API and metrics report stalls and budgets; it is the body of a loop every
+// BacklogInterval.
 func (e *Engine) watchBacklog(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(ctx, e.cfg.BacklogInterval)
-	backlog, err := e.readBacklog(rctx)
-	cancel()
+	defer cancel()
+	sh, err := e.readShares(rctx)
 	if err != nil {
-		e.log.Warn("read DELIVERY backlog", "err", err)
+		e.log.Warn("read the shared streams", "err", err)
 		return
 	}
-	e.checkStalls(time.Now(), backlog)
-}
-
-// readBacklog returns the batches waiting in DELIVERY per destination.
-func (e *Engine) readBacklog(ctx context.Context) (map[string]int64, error) {
-	st, err := e.js.Stream(ctx, topology.StreamDelivery)
-	if err != nil {
-		return nil, err
-	}
-	counts, _, err := stream.PerDestination(ctx, st, topology.AllDeliver)
-	if err != nil {
-		return nil, err
-	}
-	backlog := make(map[string]int64, len(counts))
-	for id, n := range counts {
+	backlog := make(map[string]int64, len(sh.delivery.ByID))
+	for id, n := range sh.delivery.ByID {
 		backlog[id] = int64(n)
 	}
-	return backlog, nil
+	e.checkStalls(time.Now(), backlog)
+	e.account(rctx, sh)
 }
 
 // checkStalls feeds a backlog snapshot to the stall tracker and reports

@@ -14,12 +14,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	"github.com/bulkhead-io/bulkhead/pkg/lease"
 	"github.com/bulkhead-io/bulkhead/pkg/lifecycle"
 	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
+	"github.com/bulkhead-io/bulkhead/services/monitor/internal/budget"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/health"
 	"github.com/bulkhead-io/bulkhead/services/monitor/internal/stall"
 )
@@ -42,6 +44,9 @@ type Config struct {
 	// ParkedInterval is how often PARKED is summarised for the parked-age
 	// gauges; 30 s when zero.
 	ParkedInterval time.Duration
+	// Budgets are the shares counted here (package budget); the leader
+	// refuses a tenant at ingest once one is spent.
+	Budgets budget.Limits
 }
 
 // Engine is the monitor's decision loop.
@@ -55,7 +60,12 @@ type Engine struct {
 	metrics *metrics
 	reg     *registry.Registry
 
+	// admission is the view of the refusals; admissionKV stores them.
+	admission   *admission.View
+	admissionKV jetstream.KeyValue
+
 	statsMu sync.Mutex
+	shares  *shares // the last read of the shared streams
 	windows map[string]*health.Window
 	stalls  *stall.Tracker
 
@@ -69,7 +79,7 @@ type Engine struct {
 }
 
 // New returns an engine judging the destinations of view; call Run.
-func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
+func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, refusals *admission.View, client *webhook.Client, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
 	if err := cfg.Policy.Validate(); err != nil {
 		return nil, err
 	}
@@ -78,6 +88,10 @@ func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, c
 		return nil, err
 	}
 	leases, err := js.KeyValue(ctx, topology.BucketLeases)
+	if err != nil {
+		return nil, err
+	}
+	admissionKV, err := js.KeyValue(ctx, topology.BucketAdmission)
 	if err != nil {
 		return nil, err
 	}
@@ -99,6 +113,7 @@ func New(ctx context.Context, js jetstream.JetStream, view *registry.Registry, c
 		return nil, err
 	}
 	return &Engine{js: js, kv: kv, leases: leases, client: client, cfg: cfg, log: log, metrics: m, reg: view,
+		admission: refusals, admissionKV: admissionKV,
 		windows: map[string]*health.Window{}, stalls: stalls}, nil
 }
 

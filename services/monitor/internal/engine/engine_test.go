@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/bulkhead-io/bulkhead/pkg/admission"
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
@@ -70,7 +71,11 @@ func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []con
 		if err != nil {
 			t.Fatal(err)
 		}
-		e, err := New(ctx, js, view, client, cfg, log, prometheus.NewRegistry())
+		refusals, err := admission.Open(ctx, js, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := New(ctx, js, view, refusals, client, cfg, log, prometheus.NewRegistry())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -82,6 +87,7 @@ func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []con
 				_ = h.Stop()
 				cancel()
 				view.Stop()
+				refusals.Stop()
 			})
 		}
 		t.Cleanup(stop)

@@ -14,6 +14,10 @@ type metrics struct {
 	parkedAge     *prometheus.GaugeVec
 	parkedBatches prometheus.Gauge
 	parkedOldest  prometheus.Gauge
+
+	overBudget prometheus.Gauge
+	refused    *prometheus.GaugeVec
+	refusals   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -51,7 +55,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "bulkhead_monitor_parked_oldest_age_max_seconds", Help: "Age of the oldest parked batch of any destination.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.parkedAge, m.parkedBatches, m.parkedOldest, m.backlog, m.stalled, m.stalls, m.leader, m.outcomes, m.decisions, m.probes} {
+	m.overBudget = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "bulkhead_monitor_destinations_over_budget",
+		Help: "Destinations whose DELIVERY backlog is at its budget, so their new batches are parked.",
+	})
+	m.refused = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "bulkhead_monitor_tenants_refused",
+		Help: "Tenants ingest refuses because a budget is spent, by reason (on the leader; alarm when above 0).",
+	}, []string{"reason"})
+	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "bulkhead_monitor_refusals_total", Help: "Tenants refused at ingest, by reason.",
+	}, []string{"reason"})
+	for _, c := range []prometheus.Collector{m.overBudget, m.refused, m.refusals, m.parkedAge, m.parkedBatches, m.parkedOldest, m.backlog, m.stalled, m.stalls, m.leader, m.outcomes, m.decisions, m.probes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

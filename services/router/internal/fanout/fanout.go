@@ -1,14 +1,19 @@
 // Package fanout consumes accepted impressions and fans each batch out to the
 // tenant's destinations: to imp.deliver.<dest> when the destination may
-// receive traffic, to imp.parked.<dest> when it is quarantined or paused. The
-// input is acknowledged only after every output is stored.
+// receive traffic, to imp.parked.<dest> when it is quarantined or paused or
+// its DELIVERY budget is spent. The input is acknowledged once every output
+// is stored, or the outputs that could not be are handed back on their own.
 package fanout
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -230,8 +235,10 @@ func (r *Fanout) gate(arrivals <-chan arrival, work chan<- arrival) {
 
 // handle routes one accepted batch. It runs to completion even during
 // shutdown (bounded by PublishTimeout) so no batch is left half-routed longer
-// than needed; a half-routed batch is safe anyway: it is redelivered and the
-// outputs already stored are de-duplicated by message id.
+// than needed. Each output stands alone: a destination over its DELIVERY
+// budget gets its share parked, and an output that cannot be stored at all
+// is handed back on its own (a remainder), so the batch's other outputs are
+// neither held nor stored again.
 func (r *Fanout) handle(a arrival) {
 	m := a.msg
 	var b eventv1.Batch
@@ -247,9 +254,25 @@ func (r *Fanout) handle(a arrival) {
 	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.PublishTimeout)
 	defer cancel()
 	targets := route.Plan(&b, r.reg.ForTenant(b.GetTenantId()), r.reg.State)
-	if err := r.publish(ctx, &b, targets); err != nil {
+	if only := m.Headers().Get(topology.HeaderTargets); only != "" {
+		targets = route.Only(targets, strings.Split(only, ","))
+	}
+	failed, err := r.publish(ctx, &b, targets)
+	switch {
+	case len(failed) == 0:
+	case len(failed) == len(targets):
+		// Nothing stored: hand the batch back as it is.
 		r.retryLater(m, err)
 		return
+	default:
+		if rerr := r.handBack(ctx, m, &b, failed); rerr != nil {
+			// Not even the remainder could be stored: the whole batch
+			// comes back, and its stored outputs are de-duplicated by id.
+			r.retryLater(m, fmt.Errorf("%w; remainder: %w", err, rerr))
+			return
+		}
+		r.log.Warn("some outputs not stored; handed back on their own", "batch", b.GetBatchId(), "destinations", len(failed), "err", err)
+		r.metrics.batches.WithLabelValues("partial").Inc()
 	}
 	if err := m.Ack(); err != nil {
 		// Not acknowledged means redelivered: duplicates are suppressed by
@@ -258,7 +281,13 @@ func (r *Fanout) handle(a arrival) {
 	}
 	r.metrics.batches.WithLabelValues("routed").Inc()
 	r.metrics.latency.Observe(time.Since(a.at).Seconds())
+	stored := targets[:0:0]
 	for _, t := range targets {
+		if !slices.Contains(failed, t.DestinationID) {
+			stored = append(stored, t)
+		}
+	}
+	for _, t := range stored {
 		action := "deliver"
 		if t.Park {
 			action = "park"
@@ -267,48 +296,116 @@ func (r *Fanout) handle(a arrival) {
 	}
 }
 
-// publish stores every target's share and waits until all are stored.
-func (r *Fanout) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) error {
-	futures := make([]jetstream.PubAckFuture, 0, len(targets))
-	for _, t := range targets {
-		out := &eventv1.Batch{
-			BatchId: b.GetBatchId(), TenantId: b.GetTenantId(), DestinationId: t.DestinationID,
-			AcceptedAt: b.GetAcceptedAt(), Impressions: t.Impressions,
-		}
-		// One id per (batch, destination): a redelivered input re-publishes
-		// the same ids and JetStream stores each output once.
-		msgID := b.GetBatchId() + "." + t.DestinationID
-		var msg *nats.Msg
-		var err error
-		if t.Park {
-			msg, err = parked.NewMsg(out, t.Reason, 0, msgID)
-		} else {
-			msg, err = deliverMsg(out, msgID)
-		}
+// publish stores every target's share and waits until all are stored. A
+// share its destination's DELIVERY budget refuses is parked instead
+// (parked.OverBudget). It returns the destinations whose share could not be
+// stored, and the first error.
+func (r *Fanout) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) ([]string, error) {
+	futures := make([]jetstream.PubAckFuture, len(targets))
+	for i := range targets {
+		f, err := r.publishOne(b, &targets[i])
 		if err != nil {
-			return err
+			return ids(targets), err
 		}
-		f, err := r.js.PublishMsgAsync(msg)
-		if err != nil {
-			return fmt.Errorf("publish %s: %w", msg.Subject, err)
-		}
-		futures = append(futures, f)
+		futures[i] = f
 	}
+	var failed []string
 	var firstErr error
-	for _, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			if firstErr == nil {
-				firstErr = fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
-			}
-		case <-ctx.Done():
-			if firstErr == nil {
-				firstErr = fmt.Errorf("publish %s: %w", f.Msg().Subject, ctx.Err())
-			}
+	fail := func(dest string, err error) {
+		failed = append(failed, dest)
+		if firstErr == nil {
+			firstErr = err
 		}
 	}
-	return firstErr
+	for i, f := range futures {
+		err := wait(ctx, f)
+		if err != nil && stream.IsSubjectFull(err) && !targets[i].Park {
+			// Over budget: park this share (and this share only) with the reason.
+			r.metrics.overBudget.Inc()
+			targets[i].Park = true
+			targets[i].Reason = parked.Reason{Class: parked.OverBudget}
+			if f, err = r.publishOne(b, &targets[i]); err == nil {
+				err = wait(ctx, f)
+			}
+		}
+		if err != nil {
+			if stream.IsFull(err) || stream.IsSubjectFull(err) {
+				r.metrics.full.Inc()
+			}
+			fail(targets[i].DestinationID, err)
+		}
+	}
+	return failed, firstErr
+}
+
+// publishOne starts storing t's share of b.
+func (r *Fanout) publishOne(b *eventv1.Batch, t *route.Target) (jetstream.PubAckFuture, error) {
+	out := &eventv1.Batch{
+		BatchId: b.GetBatchId(), TenantId: b.GetTenantId(), DestinationId: t.DestinationID,
+		AcceptedAt: b.GetAcceptedAt(), Impressions: t.Impressions,
+	}
+	// One id per (batch, destination): a redelivered input re-publishes
+	// the same ids and JetStream stores each output once.
+	msgID := b.GetBatchId() + "." + t.DestinationID
+	var msg *nats.Msg
+	var err error
+	if t.Park {
+		msg, err = parked.NewMsg(out, t.Reason, 0, msgID)
+	} else {
+		msg, err = deliverMsg(out, msgID)
+	}
+	if err != nil {
+		return nil, err
+	}
+	f, err := r.js.PublishMsgAsync(msg)
+	if err != nil {
+		return nil, fmt.Errorf("publish %s: %w", msg.Subject, err)
+	}
+	return f, nil
+}
+
+// wait returns f's outcome, or ctx's end.
+func wait(ctx context.Context, f jetstream.PubAckFuture) error {
+	select {
+	case <-f.Ok():
+		return nil
+	case err := <-f.Err():
+		return fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
+	case <-ctx.Done():
+		return fmt.Errorf("publish %s: %w", f.Msg().Subject, ctx.Err())
+	}
+}
+
+// handBack stores, on the tenant's own subject in IMPRESSIONS, the batch
+// narrowed to the destinations in failed (HeaderTargets), so only their
+// outputs are tried again, and it waits in the tenant's share of the
+// stream, not in the routers' window. Its id is derived from the batch and
+// the destinations, so a repeated hand-back is stored once.
+func (r *Fanout) handBack(ctx context.Context, m jetstream.Msg, b *eventv1.Batch, failed []string) error {
+	subj, err := topology.In(b.GetTenantId())
+	if err != nil {
+		return err
+	}
+	slices.Sort(failed)
+	targets := strings.Join(failed, ",")
+	h := sha256.Sum256([]byte(targets))
+	rest := nats.NewMsg(subj)
+	rest.Data = m.Data() // the accepted batch as it is: the header narrows it
+	rest.Header.Set(topology.HeaderTargets, targets)
+	rest.Header.Set(jetstream.MsgIDHeader, b.GetBatchId()+".rest."+hex.EncodeToString(h[:8]))
+	rest.Header.Set(jetstream.ExpectedStreamHeader, topology.StreamImpressions)
+	if _, err := r.js.PublishMsg(ctx, rest); err != nil {
+		return fmt.Errorf("hand back %s: %w", subj, err)
+	}
+	return nil
+}
+
+func ids(targets []route.Target) []string {
+	out := make([]string, len(targets))
+	for i, t := range targets {
+		out[i] = t.DestinationID
+	}
+	return out
 }
 
 func deliverMsg(b *eventv1.Batch, msgID string) (*nats.Msg, error) {
@@ -334,9 +431,8 @@ func (r *Fanout) retryLater(m jetstream.Msg, err error) {
 		n = md.NumDelivered
 	}
 	delay := min(100*time.Millisecond<<min(n, 7), 10*time.Second)
-	if stream.IsFull(err) {
-		r.metrics.full.Inc()
-		r.log.Error("destination stream full; routing waits", "err", err, "retry_in", delay)
+	if stream.IsFull(err) || stream.IsSubjectFull(err) {
+		r.log.Error("destination stream or share full; routing waits", "err", err, "retry_in", delay)
 	} else {
 		r.log.Warn("routing failed; will retry", "err", err, "retry_in", delay)
 	}

@@ -19,6 +19,7 @@ import (
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
+	"github.com/bulkhead-io/bulkhead/pkg/parked"
 	"github.com/bulkhead-io/bulkhead/pkg/poll"
 	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/stream"
@@ -431,4 +432,105 @@ func TestRouterKeepsRoutingWhenItsSubscriptionEnds(t *testing.T) {
 		return nil
 	})
 	f.routed(t)
+}
+
+// TestOverBudgetDestinationIsParkedAlone: a destination whose DELIVERY
+// backlog is at its budget gets its share parked, with that reason; the
+// batch's other destination is delivered as usual and the input is done.
+func TestOverBudgetDestinationIsParkedAlone(t *testing.T) {
+	f := startWith(t, stream.Limits{DestinationBacklog: 2},
+		[]*adminv1.Destination{
+			{Id: "slow", TenantId: "t1", Url: "https://example.com/s", Enabled: true},
+			{Id: "fast", TenantId: "t1", Url: "https://example.com/f", Enabled: true},
+		}, nil)
+	for i := range 2 {
+		if _, err := f.js.Publish(context.Background(), "imp.deliver.slow", []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "b1")
+	f.routed(t)
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.fast"); len(got) != 1 {
+		t.Errorf("fast: %d batches delivered, want 1", len(got))
+	}
+	got, ids := f.on(t, topology.StreamParked, "imp.parked.slow")
+	if len(got) != 1 || got[0].GetParkReason() != parked.OverBudget.String() || ids[0] != "b1.slow" {
+		t.Fatalf("slow parked %v (ids %v), want b1 with reason %q", got, ids, parked.OverBudget)
+	}
+	if !slices.Equal(keys(got[0]), []string{"u1"}) {
+		t.Errorf("parked impressions %v", keys(got[0]))
+	}
+}
+
+// TestUnstorableOutputIsHandedBackAlone: one destination's output cannot be
+// stored at all (its PARKED share is full). The other destination's output
+// is stored once, the input is acknowledged, and only the stuck output
+// waits, as a remainder in the tenant's share of IMPRESSIONS, until there is
+// room; then it is stored, and nothing else twice.
+func TestUnstorableOutputIsHandedBackAlone(t *testing.T) {
+	f := startWith(t, stream.Limits{DestinationParked: 1},
+		[]*adminv1.Destination{
+			{Id: "d1", TenantId: "t1", Url: "https://example.com/1", Enabled: true},
+			{Id: "held", TenantId: "t1", Url: "https://example.com/2", Enabled: true},
+		},
+		[]*eventv1.Decision{{DestinationId: "held", TenantId: "t1", State: eventv1.State_STATE_PAUSED}})
+	filler, err := f.js.Publish(context.Background(), "imp.parked.held", []byte("filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "b1")
+
+	// The remainder names only "held", and keeps coming back while d1's
+	// output, stored once, is not published again.
+	ctx := context.Background()
+	in, err := f.js.Stream(ctx, topology.StreamImpressions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		m, err := in.GetLastMsgForSubject(ctx, "imp.in.t1")
+		if err != nil {
+			return err
+		}
+		if got := m.Header.Get(topology.HeaderTargets); got != "held" {
+			return fmt.Errorf("last input has targets %q, want the remainder for held", got)
+		}
+		c, err := f.js.Consumer(ctx, topology.StreamImpressions, topology.ConsumerRouter)
+		if err != nil {
+			return err
+		}
+		info, err := c.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.Delivered.Consumer < 4 {
+			return fmt.Errorf("remainder tried %d times so far", info.Delivered.Consumer-1)
+		}
+		return nil
+	})
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+		t.Fatalf("d1 holds %d batches, want 1", len(got))
+	}
+	info, err := in.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 1 {
+		t.Fatalf("IMPRESSIONS holds %d messages; want only the remainder", info.State.Msgs)
+	}
+
+	p, err := f.js.Stream(ctx, topology.StreamParked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.DeleteMsg(ctx, filler.Sequence); err != nil {
+		t.Fatal(err)
+	}
+	f.routed(t)
+	if got, _ := f.on(t, topology.StreamParked, "imp.parked.held"); len(got) != 1 || got[0].GetBatchId() != "b1" || !slices.Equal(keys(got[0]), []string{"u1"}) {
+		t.Errorf("held parked %v, want b1", got)
+	}
+	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
+		t.Errorf("d1 holds %d batches after the remainder, want 1", len(got))
+	}
 }

@@ -7,6 +7,7 @@ type metrics struct {
 	impressions *prometheus.CounterVec
 	latency     prometheus.Histogram
 	full        prometheus.Counter
+	overBudget  prometheus.Counter
 	viewBehind  prometheus.Counter
 	pending     prometheus.Gauge
 	ackPending  prometheus.Gauge
@@ -16,7 +17,7 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		batches: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "bulkhead_router_batches_total", Help: "Accepted batches handled, by result (routed, retry, corrupt).",
+			Name: "bulkhead_router_batches_total", Help: "Accepted batches handled, by result (routed, partial: some outputs handed back, retry, corrupt).",
 		}, []string{"result"}),
 		impressions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bulkhead_router_impressions_total", Help: "Impressions routed, by destination and action (deliver, park).",
@@ -26,7 +27,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
 		full: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "bulkhead_router_stream_full_total", Help: "Routing attempts refused because DELIVERY or PARKED was full (alarm).",
+			Name: "bulkhead_router_stream_full_total", Help: "Outputs refused because DELIVERY or PARKED, or the destination's share of it, was full (alarm).",
+		}),
+		overBudget: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_router_over_budget_total", Help: "Outputs parked because their destination's DELIVERY backlog was at its budget.",
 		}),
 		viewBehind: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "bulkhead_router_view_behind_total", Help: "Batches handed back because the destination view could not be confirmed current (alarm if it keeps rising).",
@@ -42,7 +46,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Router pulls sent again, by cause: heartbeat (a pull the server dropped), closed (the subscription ended and was replaced).",
 		}, []string{"cause"}),
 	}
-	for _, c := range []prometheus.Collector{m.repulls, m.batches, m.impressions, m.latency, m.full, m.viewBehind, m.pending, m.ackPending} {
+	for _, c := range []prometheus.Collector{m.repulls, m.batches, m.impressions, m.latency, m.full, m.overBudget, m.viewBehind, m.pending, m.ackPending} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -4,6 +4,8 @@
 package route
 
 import (
+	"slices"
+
 	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
 	eventv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/event/v1"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
@@ -35,6 +37,18 @@ func Plan(b *eventv1.Batch, dests []*adminv1.Destination, state func(id string) 
 			t.Park, t.Reason = true, parked.Reason{Class: c}
 		}
 		out = append(out, t)
+	}
+	return out
+}
+
+// Only keeps the targets whose destination is in ids (a batch handed back
+// for some of its destinations).
+func Only(targets []Target, ids []string) []Target {
+	out := targets[:0:0]
+	for _, t := range targets {
+		if slices.Contains(ids, t.DestinationID) {
+			out = append(out, t)
+		}
 	}
 	return out
 }

@@ -777,7 +777,13 @@ type DestinationHealth struct {
 	// moved (no attempt, nothing parked) for the monitor's stall period. That
 	// is a fault of Bulkhead, not of the endpoint: it never quarantines, and
 	// the deliverers repair it by pulling again.
-	StalledSince  *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=stalled_since,json=stalledSince,proto3" json:"stalled_since,omitempty"`
+	StalledSince *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=stalled_since,json=stalledSince,proto3" json:"stalled_since,omitempty"`
+	// budgets are the destination's shares of the shared streams, and its
+	// tenant's, with what each holds now.
+	Budgets []*v1.Budget `protobuf:"bytes,17,rep,name=budgets,proto3" json:"budgets,omitempty"`
+	// refusal is set while ingest refuses the destination's tenant because a
+	// budget is spent.
+	TenantRefusal *v1.Refusal `protobuf:"bytes,18,opt,name=tenant_refusal,json=tenantRefusal,proto3" json:"tenant_refusal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -920,6 +926,20 @@ func (x *DestinationHealth) GetOldestUndelivered() *timestamppb.Timestamp {
 func (x *DestinationHealth) GetStalledSince() *timestamppb.Timestamp {
 	if x != nil {
 		return x.StalledSince
+	}
+	return nil
+}
+
+func (x *DestinationHealth) GetBudgets() []*v1.Budget {
+	if x != nil {
+		return x.Budgets
+	}
+	return nil
+}
+
+func (x *DestinationHealth) GetTenantRefusal() *v1.Refusal {
+	if x != nil {
+		return x.TenantRefusal
 	}
 	return nil
 }
@@ -2100,7 +2120,7 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	"\vdestination\x18\x01 \x01(\v2\x1e.bulkhead.admin.v1.DestinationR\vdestination\"H\n" +
 	"\x18DeleteDestinationRequest\x12,\n" +
 	"\x02id\x18\x01 \x01(\tB\x1c\xbaH\x19r\x172\x15^[A-Za-z0-9_-]{1,64}$R\x02id\"\x1b\n" +
-	"\x19DeleteDestinationResponse\"\xee\x06\n" +
+	"\x19DeleteDestinationResponse\"\xe6\a\n" +
 	"\x11DestinationHealth\x12%\n" +
 	"\x0edestination_id\x18\x01 \x01(\tR\rdestinationId\x12\x1b\n" +
 	"\ttenant_id\x18\x02 \x01(\tR\btenantId\x127\n" +
@@ -2119,7 +2139,9 @@ const file_bulkhead_admin_v1_admin_proto_rawDesc = "" +
 	"\x11failures_by_class\x18\r \x03(\v29.bulkhead.admin.v1.DestinationHealth.FailuresByClassEntryR\x0ffailuresByClass\x12\x1b\n" +
 	"\tin_flight\x18\x0e \x01(\x03R\binFlight\x12I\n" +
 	"\x12oldest_undelivered\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x11oldestUndelivered\x12?\n" +
-	"\rstalled_since\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\fstalledSince\x1aB\n" +
+	"\rstalled_since\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\fstalledSince\x123\n" +
+	"\abudgets\x18\x11 \x03(\v2\x19.bulkhead.event.v1.BudgetR\abudgets\x12A\n" +
+	"\x0etenant_refusal\x18\x12 \x01(\v2\x1a.bulkhead.event.v1.RefusalR\rtenantRefusal\x1aB\n" +
 	"\x14FailuresByClassEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"K\n" +
@@ -2258,8 +2280,10 @@ var file_bulkhead_admin_v1_admin_proto_goTypes = []any{
 	(*durationpb.Duration)(nil),           // 35: google.protobuf.Duration
 	(*timestamppb.Timestamp)(nil),         // 36: google.protobuf.Timestamp
 	(*v1.Decision)(nil),                   // 37: bulkhead.event.v1.Decision
-	(v1.State)(0),                         // 38: bulkhead.event.v1.State
-	(*v11.Impression)(nil),                // 39: bulkhead.ingest.v1.Impression
+	(*v1.Budget)(nil),                     // 38: bulkhead.event.v1.Budget
+	(*v1.Refusal)(nil),                    // 39: bulkhead.event.v1.Refusal
+	(v1.State)(0),                         // 40: bulkhead.event.v1.State
+	(*v11.Impression)(nil),                // 41: bulkhead.ingest.v1.Impression
 }
 var file_bulkhead_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: bulkhead.admin.v1.Destination.filter:type_name -> bulkhead.admin.v1.Filter
@@ -2280,54 +2304,56 @@ var file_bulkhead_admin_v1_admin_proto_depIdxs = []int32{
 	34, // 15: bulkhead.admin.v1.DestinationHealth.failures_by_class:type_name -> bulkhead.admin.v1.DestinationHealth.FailuresByClassEntry
 	36, // 16: bulkhead.admin.v1.DestinationHealth.oldest_undelivered:type_name -> google.protobuf.Timestamp
 	36, // 17: bulkhead.admin.v1.DestinationHealth.stalled_since:type_name -> google.protobuf.Timestamp
-	12, // 18: bulkhead.admin.v1.GetDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
-	38, // 19: bulkhead.admin.v1.ListDestinationHealthRequest.state:type_name -> bulkhead.event.v1.State
-	12, // 20: bulkhead.admin.v1.ListDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
-	37, // 21: bulkhead.admin.v1.PauseDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
-	37, // 22: bulkhead.admin.v1.ResumeDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
-	36, // 23: bulkhead.admin.v1.TimeRange.start:type_name -> google.protobuf.Timestamp
-	36, // 24: bulkhead.admin.v1.TimeRange.end:type_name -> google.protobuf.Timestamp
-	25, // 25: bulkhead.admin.v1.ReplayParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	25, // 26: bulkhead.admin.v1.ExportParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	36, // 27: bulkhead.admin.v1.ExportParkedResponse.parked_at:type_name -> google.protobuf.Timestamp
-	39, // 28: bulkhead.admin.v1.ExportParkedResponse.impressions:type_name -> bulkhead.ingest.v1.Impression
-	25, // 29: bulkhead.admin.v1.PurgeParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
-	37, // 30: bulkhead.admin.v1.WatchDecisionsResponse.decision:type_name -> bulkhead.event.v1.Decision
-	2,  // 31: bulkhead.admin.v1.AdminService.CreateDestination:input_type -> bulkhead.admin.v1.CreateDestinationRequest
-	4,  // 32: bulkhead.admin.v1.AdminService.GetDestination:input_type -> bulkhead.admin.v1.GetDestinationRequest
-	6,  // 33: bulkhead.admin.v1.AdminService.ListDestinations:input_type -> bulkhead.admin.v1.ListDestinationsRequest
-	8,  // 34: bulkhead.admin.v1.AdminService.UpdateDestination:input_type -> bulkhead.admin.v1.UpdateDestinationRequest
-	10, // 35: bulkhead.admin.v1.AdminService.DeleteDestination:input_type -> bulkhead.admin.v1.DeleteDestinationRequest
-	13, // 36: bulkhead.admin.v1.AdminService.GetDestinationHealth:input_type -> bulkhead.admin.v1.GetDestinationHealthRequest
-	15, // 37: bulkhead.admin.v1.AdminService.ListDestinationHealth:input_type -> bulkhead.admin.v1.ListDestinationHealthRequest
-	17, // 38: bulkhead.admin.v1.AdminService.PauseDestination:input_type -> bulkhead.admin.v1.PauseDestinationRequest
-	19, // 39: bulkhead.admin.v1.AdminService.ResumeDestination:input_type -> bulkhead.admin.v1.ResumeDestinationRequest
-	21, // 40: bulkhead.admin.v1.AdminService.PauseTenant:input_type -> bulkhead.admin.v1.PauseTenantRequest
-	23, // 41: bulkhead.admin.v1.AdminService.ResumeTenant:input_type -> bulkhead.admin.v1.ResumeTenantRequest
-	26, // 42: bulkhead.admin.v1.AdminService.ReplayParked:input_type -> bulkhead.admin.v1.ReplayParkedRequest
-	28, // 43: bulkhead.admin.v1.AdminService.ExportParked:input_type -> bulkhead.admin.v1.ExportParkedRequest
-	30, // 44: bulkhead.admin.v1.AdminService.PurgeParked:input_type -> bulkhead.admin.v1.PurgeParkedRequest
-	32, // 45: bulkhead.admin.v1.AdminService.WatchDecisions:input_type -> bulkhead.admin.v1.WatchDecisionsRequest
-	3,  // 46: bulkhead.admin.v1.AdminService.CreateDestination:output_type -> bulkhead.admin.v1.CreateDestinationResponse
-	5,  // 47: bulkhead.admin.v1.AdminService.GetDestination:output_type -> bulkhead.admin.v1.GetDestinationResponse
-	7,  // 48: bulkhead.admin.v1.AdminService.ListDestinations:output_type -> bulkhead.admin.v1.ListDestinationsResponse
-	9,  // 49: bulkhead.admin.v1.AdminService.UpdateDestination:output_type -> bulkhead.admin.v1.UpdateDestinationResponse
-	11, // 50: bulkhead.admin.v1.AdminService.DeleteDestination:output_type -> bulkhead.admin.v1.DeleteDestinationResponse
-	14, // 51: bulkhead.admin.v1.AdminService.GetDestinationHealth:output_type -> bulkhead.admin.v1.GetDestinationHealthResponse
-	16, // 52: bulkhead.admin.v1.AdminService.ListDestinationHealth:output_type -> bulkhead.admin.v1.ListDestinationHealthResponse
-	18, // 53: bulkhead.admin.v1.AdminService.PauseDestination:output_type -> bulkhead.admin.v1.PauseDestinationResponse
-	20, // 54: bulkhead.admin.v1.AdminService.ResumeDestination:output_type -> bulkhead.admin.v1.ResumeDestinationResponse
-	22, // 55: bulkhead.admin.v1.AdminService.PauseTenant:output_type -> bulkhead.admin.v1.PauseTenantResponse
-	24, // 56: bulkhead.admin.v1.AdminService.ResumeTenant:output_type -> bulkhead.admin.v1.ResumeTenantResponse
-	27, // 57: bulkhead.admin.v1.AdminService.ReplayParked:output_type -> bulkhead.admin.v1.ReplayParkedResponse
-	29, // 58: bulkhead.admin.v1.AdminService.ExportParked:output_type -> bulkhead.admin.v1.ExportParkedResponse
-	31, // 59: bulkhead.admin.v1.AdminService.PurgeParked:output_type -> bulkhead.admin.v1.PurgeParkedResponse
-	33, // 60: bulkhead.admin.v1.AdminService.WatchDecisions:output_type -> bulkhead.admin.v1.WatchDecisionsResponse
-	46, // [46:61] is the sub-list for method output_type
-	31, // [31:46] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	38, // 18: bulkhead.admin.v1.DestinationHealth.budgets:type_name -> bulkhead.event.v1.Budget
+	39, // 19: bulkhead.admin.v1.DestinationHealth.tenant_refusal:type_name -> bulkhead.event.v1.Refusal
+	12, // 20: bulkhead.admin.v1.GetDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
+	40, // 21: bulkhead.admin.v1.ListDestinationHealthRequest.state:type_name -> bulkhead.event.v1.State
+	12, // 22: bulkhead.admin.v1.ListDestinationHealthResponse.health:type_name -> bulkhead.admin.v1.DestinationHealth
+	37, // 23: bulkhead.admin.v1.PauseDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
+	37, // 24: bulkhead.admin.v1.ResumeDestinationResponse.decision:type_name -> bulkhead.event.v1.Decision
+	36, // 25: bulkhead.admin.v1.TimeRange.start:type_name -> google.protobuf.Timestamp
+	36, // 26: bulkhead.admin.v1.TimeRange.end:type_name -> google.protobuf.Timestamp
+	25, // 27: bulkhead.admin.v1.ReplayParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	25, // 28: bulkhead.admin.v1.ExportParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	36, // 29: bulkhead.admin.v1.ExportParkedResponse.parked_at:type_name -> google.protobuf.Timestamp
+	41, // 30: bulkhead.admin.v1.ExportParkedResponse.impressions:type_name -> bulkhead.ingest.v1.Impression
+	25, // 31: bulkhead.admin.v1.PurgeParkedRequest.range:type_name -> bulkhead.admin.v1.TimeRange
+	37, // 32: bulkhead.admin.v1.WatchDecisionsResponse.decision:type_name -> bulkhead.event.v1.Decision
+	2,  // 33: bulkhead.admin.v1.AdminService.CreateDestination:input_type -> bulkhead.admin.v1.CreateDestinationRequest
+	4,  // 34: bulkhead.admin.v1.AdminService.GetDestination:input_type -> bulkhead.admin.v1.GetDestinationRequest
+	6,  // 35: bulkhead.admin.v1.AdminService.ListDestinations:input_type -> bulkhead.admin.v1.ListDestinationsRequest
+	8,  // 36: bulkhead.admin.v1.AdminService.UpdateDestination:input_type -> bulkhead.admin.v1.UpdateDestinationRequest
+	10, // 37: bulkhead.admin.v1.AdminService.DeleteDestination:input_type -> bulkhead.admin.v1.DeleteDestinationRequest
+	13, // 38: bulkhead.admin.v1.AdminService.GetDestinationHealth:input_type -> bulkhead.admin.v1.GetDestinationHealthRequest
+	15, // 39: bulkhead.admin.v1.AdminService.ListDestinationHealth:input_type -> bulkhead.admin.v1.ListDestinationHealthRequest
+	17, // 40: bulkhead.admin.v1.AdminService.PauseDestination:input_type -> bulkhead.admin.v1.PauseDestinationRequest
+	19, // 41: bulkhead.admin.v1.AdminService.ResumeDestination:input_type -> bulkhead.admin.v1.ResumeDestinationRequest
+	21, // 42: bulkhead.admin.v1.AdminService.PauseTenant:input_type -> bulkhead.admin.v1.PauseTenantRequest
+	23, // 43: bulkhead.admin.v1.AdminService.ResumeTenant:input_type -> bulkhead.admin.v1.ResumeTenantRequest
+	26, // 44: bulkhead.admin.v1.AdminService.ReplayParked:input_type -> bulkhead.admin.v1.ReplayParkedRequest
+	28, // 45: bulkhead.admin.v1.AdminService.ExportParked:input_type -> bulkhead.admin.v1.ExportParkedRequest
+	30, // 46: bulkhead.admin.v1.AdminService.PurgeParked:input_type -> bulkhead.admin.v1.PurgeParkedRequest
+	32, // 47: bulkhead.admin.v1.AdminService.WatchDecisions:input_type -> bulkhead.admin.v1.WatchDecisionsRequest
+	3,  // 48: bulkhead.admin.v1.AdminService.CreateDestination:output_type -> bulkhead.admin.v1.CreateDestinationResponse
+	5,  // 49: bulkhead.admin.v1.AdminService.GetDestination:output_type -> bulkhead.admin.v1.GetDestinationResponse
+	7,  // 50: bulkhead.admin.v1.AdminService.ListDestinations:output_type -> bulkhead.admin.v1.ListDestinationsResponse
+	9,  // 51: bulkhead.admin.v1.AdminService.UpdateDestination:output_type -> bulkhead.admin.v1.UpdateDestinationResponse
+	11, // 52: bulkhead.admin.v1.AdminService.DeleteDestination:output_type -> bulkhead.admin.v1.DeleteDestinationResponse
+	14, // 53: bulkhead.admin.v1.AdminService.GetDestinationHealth:output_type -> bulkhead.admin.v1.GetDestinationHealthResponse
+	16, // 54: bulkhead.admin.v1.AdminService.ListDestinationHealth:output_type -> bulkhead.admin.v1.ListDestinationHealthResponse
+	18, // 55: bulkhead.admin.v1.AdminService.PauseDestination:output_type -> bulkhead.admin.v1.PauseDestinationResponse
+	20, // 56: bulkhead.admin.v1.AdminService.ResumeDestination:output_type -> bulkhead.admin.v1.ResumeDestinationResponse
+	22, // 57: bulkhead.admin.v1.AdminService.PauseTenant:output_type -> bulkhead.admin.v1.PauseTenantResponse
+	24, // 58: bulkhead.admin.v1.AdminService.ResumeTenant:output_type -> bulkhead.admin.v1.ResumeTenantResponse
+	27, // 59: bulkhead.admin.v1.AdminService.ReplayParked:output_type -> bulkhead.admin.v1.ReplayParkedResponse
+	29, // 60: bulkhead.admin.v1.AdminService.ExportParked:output_type -> bulkhead.admin.v1.ExportParkedResponse
+	31, // 61: bulkhead.admin.v1.AdminService.PurgeParked:output_type -> bulkhead.admin.v1.PurgeParkedResponse
+	33, // 62: bulkhead.admin.v1.AdminService.WatchDecisions:output_type -> bulkhead.admin.v1.WatchDecisionsResponse
+	48, // [48:63] is the sub-list for method output_type
+	33, // [33:48] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_bulkhead_admin_v1_admin_proto_init() }

@@ -675,6 +675,196 @@ func (x *AuditRecord) GetDryRun() bool {
 	return false
 }
 
+// Budget is one share of a resource the tenants share, as spent now: a
+// destination's backlog in DELIVERY, its parked batches, a tenant's parked
+// batches or accepted-but-unrouted batches.
+type Budget struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// resource names the budget: "delivery_backlog", "destination_parked",
+	// "tenant_parked", "tenant_ingest_backlog".
+	Resource string `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	// scope is whose share it is: "destination" or "tenant".
+	Scope string `protobuf:"bytes,2,opt,name=scope,proto3" json:"scope,omitempty"`
+	// used is what the share holds now.
+	Used int64 `protobuf:"varint,3,opt,name=used,proto3" json:"used,omitempty"`
+	// limit is the most the share may hold; 0 means no limit.
+	Limit int64 `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`
+	// unit of used and limit ("batches").
+	Unit string `protobuf:"bytes,5,opt,name=unit,proto3" json:"unit,omitempty"`
+	// exhausted is true while the budget's consequence is in force (new
+	// traffic parked, or the tenant refused at ingest).
+	Exhausted     bool `protobuf:"varint,6,opt,name=exhausted,proto3" json:"exhausted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Budget) Reset() {
+	*x = Budget{}
+	mi := &file_bulkhead_event_v1_event_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Budget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Budget) ProtoMessage() {}
+
+func (x *Budget) ProtoReflect() protoreflect.Message {
+	mi := &file_bulkhead_event_v1_event_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Budget.ProtoReflect.Descriptor instead.
+func (*Budget) Descriptor() ([]byte, []int) {
+	return file_bulkhead_event_v1_event_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Budget) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *Budget) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
+func (x *Budget) GetUsed() int64 {
+	if x != nil {
+		return x.Used
+	}
+	return 0
+}
+
+func (x *Budget) GetLimit() int64 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *Budget) GetUnit() string {
+	if x != nil {
+		return x.Unit
+	}
+	return ""
+}
+
+func (x *Budget) GetExhausted() bool {
+	if x != nil {
+		return x.Exhausted
+	}
+	return false
+}
+
+// Refusal is the value stored under a tenant's id in the KV bucket
+// "admission" while ingest must refuse the tenant's new batches because one
+// of its storage budgets is spent. The monitor stores it and deletes it once
+// the tenant is back under budget.
+type Refusal struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// tenant_id refused.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// reason is the google.rpc.ErrorInfo reason callers receive, e.g.
+	// "PARKED_BUDGET_EXHAUSTED".
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// budget is the spent budget.
+	Budget *Budget `protobuf:"bytes,3,opt,name=budget,proto3" json:"budget,omitempty"`
+	// detail says what spent it, in words.
+	Detail string `protobuf:"bytes,4,opt,name=detail,proto3" json:"detail,omitempty"`
+	// since is when the refusal began.
+	Since *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=since,proto3" json:"since,omitempty"`
+	// retry_after_ms is the delay ingest advises in its RetryInfo.
+	RetryAfterMs  int64 `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Refusal) Reset() {
+	*x = Refusal{}
+	mi := &file_bulkhead_event_v1_event_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Refusal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Refusal) ProtoMessage() {}
+
+func (x *Refusal) ProtoReflect() protoreflect.Message {
+	mi := &file_bulkhead_event_v1_event_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Refusal.ProtoReflect.Descriptor instead.
+func (*Refusal) Descriptor() ([]byte, []int) {
+	return file_bulkhead_event_v1_event_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Refusal) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *Refusal) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Refusal) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+func (x *Refusal) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+func (x *Refusal) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
+func (x *Refusal) GetRetryAfterMs() int64 {
+	if x != nil {
+		return x.RetryAfterMs
+	}
+	return 0
+}
+
 var File_bulkhead_event_v1_event_proto protoreflect.FileDescriptor
 
 const file_bulkhead_event_v1_event_proto_rawDesc = "" +
@@ -733,7 +923,21 @@ const file_bulkhead_event_v1_event_proto_rawDesc = "" +
 	"\x0fdestination_ids\x18\x05 \x03(\tR\x0edestinationIds\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12\x16\n" +
 	"\x06detail\x18\a \x01(\tR\x06detail\x12\x17\n" +
-	"\adry_run\x18\b \x01(\bR\x06dryRun*\x80\x02\n" +
+	"\adry_run\x18\b \x01(\bR\x06dryRun\"\x96\x01\n" +
+	"\x06Budget\x12\x1a\n" +
+	"\bresource\x18\x01 \x01(\tR\bresource\x12\x14\n" +
+	"\x05scope\x18\x02 \x01(\tR\x05scope\x12\x12\n" +
+	"\x04used\x18\x03 \x01(\x03R\x04used\x12\x14\n" +
+	"\x05limit\x18\x04 \x01(\x03R\x05limit\x12\x12\n" +
+	"\x04unit\x18\x05 \x01(\tR\x04unit\x12\x1c\n" +
+	"\texhausted\x18\x06 \x01(\bR\texhausted\"\xe1\x01\n" +
+	"\aRefusal\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x121\n" +
+	"\x06budget\x18\x03 \x01(\v2\x19.bulkhead.event.v1.BudgetR\x06budget\x12\x16\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\x120\n" +
+	"\x05since\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12$\n" +
+	"\x0eretry_after_ms\x18\x06 \x01(\x03R\fretryAfterMs*\x80\x02\n" +
 	"\n" +
 	"ErrorClass\x12\x1b\n" +
 	"\x17ERROR_CLASS_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -767,7 +971,7 @@ func file_bulkhead_event_v1_event_proto_rawDescGZIP() []byte {
 }
 
 var file_bulkhead_event_v1_event_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_bulkhead_event_v1_event_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_bulkhead_event_v1_event_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_bulkhead_event_v1_event_proto_goTypes = []any{
 	(ErrorClass)(0),               // 0: bulkhead.event.v1.ErrorClass
 	(State)(0),                    // 1: bulkhead.event.v1.State
@@ -775,24 +979,28 @@ var file_bulkhead_event_v1_event_proto_goTypes = []any{
 	(*Outcome)(nil),               // 3: bulkhead.event.v1.Outcome
 	(*Decision)(nil),              // 4: bulkhead.event.v1.Decision
 	(*AuditRecord)(nil),           // 5: bulkhead.event.v1.AuditRecord
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
-	(*v1.Impression)(nil),         // 7: bulkhead.ingest.v1.Impression
+	(*Budget)(nil),                // 6: bulkhead.event.v1.Budget
+	(*Refusal)(nil),               // 7: bulkhead.event.v1.Refusal
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	(*v1.Impression)(nil),         // 9: bulkhead.ingest.v1.Impression
 }
 var file_bulkhead_event_v1_event_proto_depIdxs = []int32{
-	6, // 0: bulkhead.event.v1.Batch.accepted_at:type_name -> google.protobuf.Timestamp
-	7, // 1: bulkhead.event.v1.Batch.impressions:type_name -> bulkhead.ingest.v1.Impression
-	6, // 2: bulkhead.event.v1.Batch.parked_at:type_name -> google.protobuf.Timestamp
-	6, // 3: bulkhead.event.v1.Outcome.at:type_name -> google.protobuf.Timestamp
-	0, // 4: bulkhead.event.v1.Outcome.error_class:type_name -> bulkhead.event.v1.ErrorClass
-	1, // 5: bulkhead.event.v1.Decision.state:type_name -> bulkhead.event.v1.State
-	6, // 6: bulkhead.event.v1.Decision.since:type_name -> google.protobuf.Timestamp
-	6, // 7: bulkhead.event.v1.Decision.next_probe:type_name -> google.protobuf.Timestamp
-	6, // 8: bulkhead.event.v1.AuditRecord.at:type_name -> google.protobuf.Timestamp
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	8,  // 0: bulkhead.event.v1.Batch.accepted_at:type_name -> google.protobuf.Timestamp
+	9,  // 1: bulkhead.event.v1.Batch.impressions:type_name -> bulkhead.ingest.v1.Impression
+	8,  // 2: bulkhead.event.v1.Batch.parked_at:type_name -> google.protobuf.Timestamp
+	8,  // 3: bulkhead.event.v1.Outcome.at:type_name -> google.protobuf.Timestamp
+	0,  // 4: bulkhead.event.v1.Outcome.error_class:type_name -> bulkhead.event.v1.ErrorClass
+	1,  // 5: bulkhead.event.v1.Decision.state:type_name -> bulkhead.event.v1.State
+	8,  // 6: bulkhead.event.v1.Decision.since:type_name -> google.protobuf.Timestamp
+	8,  // 7: bulkhead.event.v1.Decision.next_probe:type_name -> google.protobuf.Timestamp
+	8,  // 8: bulkhead.event.v1.AuditRecord.at:type_name -> google.protobuf.Timestamp
+	6,  // 9: bulkhead.event.v1.Refusal.budget:type_name -> bulkhead.event.v1.Budget
+	8,  // 10: bulkhead.event.v1.Refusal.since:type_name -> google.protobuf.Timestamp
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_bulkhead_event_v1_event_proto_init() }
@@ -806,7 +1014,7 @@ func file_bulkhead_event_v1_event_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_bulkhead_event_v1_event_proto_rawDesc), len(file_bulkhead_event_v1_event_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   4,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
