@@ -65,6 +65,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.DurationVar(&e.ProbeMax, "probe-max", p.ProbeMax, "ceiling of the doubling probe backoff")
 	fs.DurationVar(&e.ProbeTimeout, "probe-timeout", p.ProbeTimeout, "a probe without result this long counts as failed (e.g. its monitor died)")
 	fs.BoolVar(&e.Domain.Enabled, "failure-domains", p.Domain.Enabled, "quarantine a failure domain (host, /24) as a whole when several of its destinations fail together")
+	fs.IntVar(&e.Domain.MinTenants, "failure-domain-tenants", p.Domain.MinTenants, "a failure domain's trip holds other tenants' destinations there only when this many tenants' destinations tripped")
 	fs.BoolVar(&c.Engine.Disabled, "no-quarantine", false, "observe only: never quarantine automatically (experiments)")
 	fs.DurationVar(&c.Engine.StallAfter, "stall-after", engine.DefaultStallAfter, "report a destination stalled when its DELIVERY backlog has not moved this long (at least 3 request timeouts)")
 	c.Engine.Budgets = budget.DefaultLimits()

@@ -141,7 +141,7 @@ func (e *Engine) onChange(c registry.Change) {
 	case c.Kind == registry.DestinationChanged && c.Deleted:
 		m.Forget(c.ID)
 	case c.Kind == registry.DestinationChanged:
-		m.SetDomain(c.ID, health.DomainOf(c.Destination.GetUrl()))
+		m.SetDomain(c.ID, c.Destination.GetTenantId(), health.DomainOf(c.Destination.GetUrl()))
 	}
 }
 
@@ -201,7 +201,7 @@ func (e *Engine) lead(ctx context.Context) error {
 		return err
 	}
 	for _, d := range e.reg.Destinations() {
-		m.SetDomain(d.GetId(), health.DomainOf(d.GetUrl()))
+		m.SetDomain(d.GetId(), d.GetTenantId(), health.DomainOf(d.GetUrl()))
 		if dec := e.reg.Decision(d.GetId()); dec != nil {
 			if err := m.Load(dec); err != nil {
 				e.log.Warn("load decision", "destination", d.GetId(), "err", err)

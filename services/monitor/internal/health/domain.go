@@ -17,6 +17,9 @@ type domain struct {
 	members   map[string]*destination
 	trips     []trip    // policy trips of members, oldest first
 	trippedAt time.Time // when the domain last tripped as a whole
+	// tenants whose destinations the last trip covers; nil: every tenant's
+	// (trips came from at least Domain.MinTenants tenants).
+	tenants map[string]bool
 }
 
 // trip is one member's policy trip.
@@ -25,16 +28,19 @@ type trip struct {
 	at   time.Time
 }
 
-// SetDomain puts a destination in a failure domain (a resolved network,
-// host or DNS zone it shares with others), tracking it if it was unknown; an
-// empty domain takes it out of any.
-func (m *Machine) SetDomain(dest, domainKey string) {
+// SetDomain puts a destination of tenant in a failure domain (a resolved
+// network, host or DNS zone it shares with others), tracking it if it was
+// unknown; an empty domain takes it out of any.
+func (m *Machine) SetDomain(dest, tenant, domainKey string) {
 	if dest == "" {
 		return
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	d := m.dest(dest)
+	if tenant != "" {
+		d.tenant = tenant
+	}
 	if d.domain == domainKey {
 		return
 	}
@@ -61,6 +67,9 @@ func (m *Machine) heldDomain(d *destination, now time.Time) (*domain, bool) {
 	if dom.trippedAt.IsZero() || now.Sub(dom.trippedAt) >= m.policy.Domain.Within {
 		return nil, false
 	}
+	if dom.tenants != nil && !dom.tenants[d.tenant] {
+		return nil, false // another tenant's trip: no evidence against this one
+	}
 	return dom, true
 }
 
@@ -79,27 +88,45 @@ func (m *Machine) correlate(d *destination, now time.Time) []*eventv1.Decision {
 	})
 	dom.trips = append(dom.trips, trip{dest: d.id, at: now})
 	tripped := make(map[string]bool, len(dom.trips))
+	tenants := map[string]bool{}
 	for _, t := range dom.trips {
 		tripped[t.dest] = true
+		if mb, ok := dom.members[t.dest]; ok {
+			tenants[mb.tenant] = true
+		}
 	}
 	if len(tripped) < dp.MinTripped {
 		return nil
 	}
+	// Trips of fewer than MinTenants tenants are evidence against those
+	// tenants' destinations only: one tenant's broken endpoints on a shared
+	// SaaS host say nothing of another tenant's there.
+	scope := tenants
+	if len(tenants) >= max(dp.MinTenants, 1) {
+		scope = nil
+	}
+	inScope := func(mb *destination) bool { return scope == nil || scope[mb.tenant] }
 	active := 0
 	for _, mb := range dom.members {
-		if mb.win != nil && mb.win.Counts(now).Attempts > 0 {
+		if inScope(mb) && mb.win != nil && mb.win.Counts(now).Attempts > 0 {
 			active++
 		}
 	}
 	if float64(len(tripped)) < dp.MinShare*float64(active) {
 		return nil
 	}
-	dom.trippedAt = now
+	dom.trippedAt, dom.tenants = now, scope
 	reason := fmt.Sprintf("failure domain %s: %d of %d active destinations tripped within %v",
 		d.domain, len(tripped), active, dp.Within)
+	if scope != nil && slices.ContainsFunc(slices.Collect(maps.Values(dom.members)), func(mb *destination) bool { return !inScope(mb) }) {
+		reason += fmt.Sprintf(" (of %d tenant(s); other tenants' destinations there are not held)", len(scope))
+	}
 	var out []*eventv1.Decision
 	for _, id := range slices.Sorted(maps.Keys(dom.members)) {
 		mb := dom.members[id]
+		if !inScope(mb) {
+			continue
+		}
 		if mb.state != eventv1.State_STATE_HEALTHY && mb.state != eventv1.State_STATE_RECOVERING {
 			continue
 		}

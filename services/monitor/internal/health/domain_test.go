@@ -73,10 +73,10 @@ func TestFailureDomain(t *testing.T) {
 			var dests []string
 			for i := range tt.members {
 				dests = append(dests, fmt.Sprintf("a%d", i+1))
-				m.SetDomain(dests[i], "net-a")
+				m.SetDomain(dests[i], "tenant-1", "net-a")
 			}
 			dests = append(dests, "x1")
-			m.SetDomain("x1", "net-b")
+			m.SetDomain("x1", "tenant-1", "net-b")
 			start := epoch()
 			var got []string
 			for s := range 90 {
@@ -106,7 +106,7 @@ func TestFailureDomain(t *testing.T) {
 func TestFailureDomainReasons(t *testing.T) {
 	m := newMachine(t, nil)
 	for _, id := range []string{"a1", "a2", "a3", "a4", "a5"} {
-		m.SetDomain(id, "net-a")
+		m.SetDomain(id, "tenant-1", "net-a")
 	}
 	start := epoch()
 	var got []decided
@@ -138,7 +138,7 @@ func TestFailureDomainReasons(t *testing.T) {
 		t.Fatalf("held decision = %v", held)
 	}
 	// 429s and permanent 4xx are not failures of the domain.
-	m.SetDomain("a6", "net-a")
+	m.SetDomain("a6", "tenant-1", "net-a")
 	if d := m.Observe(outcome("a6", throttled, at), at); d != nil {
 		t.Fatalf("429 in a tripped domain decided %v", d)
 	}
@@ -157,10 +157,10 @@ func TestFailureDomainReasons(t *testing.T) {
 
 func TestSetDomainMovesAndForgetLeaves(t *testing.T) {
 	m := newMachine(t, nil)
-	m.SetDomain("a1", "net-a")
-	m.SetDomain("a1", "net-b")
-	m.SetDomain("a2", "net-b")
-	m.SetDomain("a2", "")
+	m.SetDomain("a1", "tenant-1", "net-a")
+	m.SetDomain("a1", "tenant-1", "net-b")
+	m.SetDomain("a2", "tenant-1", "net-b")
+	m.SetDomain("a2", "tenant-1", "")
 	m.Forget("a1")
 	m.Forget("nope")
 	if len(m.domains) != 0 {
@@ -193,4 +193,60 @@ func TestDomainOf(t *testing.T) {
 			t.Errorf("DomainOf(%q) = %q, want %q", url, got, want)
 		}
 	}
+}
+
+// TestFailureDomainStaysWithinATenant: on a shared host, one tenant's three
+// destinations fail and trip the domain. Only that tenant's destinations
+// there are quarantined: another tenant's destination on the same host,
+// failing once during the trip, is judged on its own. When destinations of
+// two tenants trip, the domain holds everyone's.
+func TestFailureDomainStaysWithinATenant(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		tenantOfA3 string
+		wantOtherQ bool
+	}{
+		{"one tenant trips", "tenant-A", false},
+		{"two tenants trip", "tenant-C", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newMachine(t, nil)
+			tenant := map[string]string{"a1": "tenant-A", "a2": "tenant-A", "a3": tt.tenantOfA3, "b1": "tenant-B"}
+			for id, tn := range tenant {
+				m.SetDomain(id, tn, "host:saas.example")
+			}
+			start := epoch()
+			var got []decided
+			for s := range 30 {
+				for id := range tenant {
+					observe(m, outcomeOf(id, tenant[id], ok, start.Add(time.Duration(s)*time.Second)), &got)
+				}
+			}
+			for i := range 6 {
+				at := start.Add(time.Duration(31+i) * time.Second)
+				for _, id := range []string{"a1", "a2", "a3"} {
+					if mustState(t, m, id) != eventv1.State_STATE_QUARANTINED {
+						observe(m, outcomeOf(id, tenant[id], timeout, at), &got)
+					}
+				}
+			}
+			// b1 fails once while the domain is tripped.
+			at := start.Add(40 * time.Second)
+			observe(m, outcomeOf("b1", "tenant-B", timeout, at), &got)
+			if q := mustState(t, m, "b1") == eventv1.State_STATE_QUARANTINED; q != tt.wantOtherQ {
+				t.Errorf("b1 (another tenant) quarantined = %v, want %v; decisions %v", q, tt.wantOtherQ, got)
+			}
+			for _, id := range []string{"a1", "a2", "a3"} {
+				if mustState(t, m, id) != eventv1.State_STATE_QUARANTINED {
+					t.Errorf("%s not quarantined", id)
+				}
+			}
+		})
+	}
+}
+
+func outcomeOf(dest, tenant string, class eventv1.ErrorClass, at time.Time) *eventv1.Outcome {
+	o := outcome(dest, class, at)
+	o.TenantId = tenant
+	return o
 }

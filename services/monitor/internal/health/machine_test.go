@@ -713,7 +713,7 @@ func TestMachineIsSafeForConcurrentUse(t *testing.T) {
 	for g := range 4 {
 		wg.Go(func() {
 			dest := fmt.Sprintf("d%d", g%2)
-			m.SetDomain(dest, "net-a")
+			m.SetDomain(dest, "tenant-1", "net-a")
 			for i := range 2000 {
 				at := start.Add(time.Duration(i) * 10 * time.Millisecond)
 				c := ok

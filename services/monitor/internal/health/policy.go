@@ -120,6 +120,11 @@ type DomainPolicy struct {
 	// Within is the span trips must fall in, and how long a tripped domain
 	// stays tripped. Default 30s.
 	Within time.Duration
+	// MinTenants is how many tenants' destinations must be among the trips
+	// before the domain's trip reaches every tenant's destinations there;
+	// with fewer, it reaches only the tripping tenants' (judged among their
+	// own destinations). Default 2.
+	MinTenants int
 }
 
 // DefaultPolicy returns the policy the monitor uses unless configured: at
@@ -150,6 +155,7 @@ func DefaultPolicy() Policy {
 			MinTripped: 3,
 			MinShare:   0.5,
 			Within:     30 * time.Second,
+			MinTenants: 2,
 		},
 	}
 }
@@ -220,6 +226,9 @@ func (p Policy) Validate() error {
 		}
 		if d.Within <= 0 || d.Within > maxDelay {
 			bad("domain within %v is not in (0, %v]", d.Within, maxDelay)
+		}
+		if d.MinTenants < 1 {
+			bad("domain min tenants %d must be at least 1", d.MinTenants)
 		}
 	}
 	return errors.Join(errs...)
