@@ -41,6 +41,9 @@ const (
 	ReasonFairShare = "STORE_FAIR_SHARE_EXCEEDED"
 	// ReasonStoreFull: IMPRESSIONS itself is full.
 	ReasonStoreFull = "STORE_FULL"
+	// ReasonIngestBusy: ingest holds its most request bytes, in all or for
+	// the tenant; the call was refused before it was read.
+	ReasonIngestBusy = "INGEST_BUSY"
 )
 
 // Store puts r under its tenant's key.

@@ -26,8 +26,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 )
 
 // AuthFunc checks the bearer token of a call to fullMethod and returns the
@@ -46,7 +48,21 @@ type Options struct {
 	Auth AuthFunc
 	// MaxRecvMsgSize bounds a request message (0 keeps gRPC's 4 MiB).
 	MaxRecvMsgSize int
+	// Admit, when set, is asked on a call's headers, after Auth accepted
+	// them (ctx is the context Auth returned), whether the server may take
+	// the call on now: a service spends its memory budget here, before the
+	// request is read. release is called once the call has ended; a
+	// refusal is a status error (ResourceExhausted, with RetryInfo).
+	Admit func(ctx context.Context, fullMethod string) (release func(), err error)
+	// MaxConcurrentStreams bounds the calls one connection may have open at
+	// once (0: DefaultMaxConcurrentStreams). With MaxRecvMsgSize it bounds
+	// the request bytes one connection can make the server hold.
+	MaxConcurrentStreams uint32
 }
+
+// DefaultMaxConcurrentStreams is the calls per connection a server allows
+// unless told otherwise (gRPC's own default is unlimited).
+const DefaultMaxConcurrentStreams = 64
 
 // Server is a gRPC server with its health service.
 type Server struct {
@@ -115,9 +131,23 @@ func New(opts Options) (*Server, error) {
 	unary = append(unary, recovery.UnaryServerInterceptor(onPanic))
 	streams = append(streams, recovery.StreamServerInterceptor(onPanic))
 
+	maxStreams := opts.MaxConcurrentStreams
+	if maxStreams == 0 {
+		maxStreams = DefaultMaxConcurrentStreams
+	}
 	serverOpts := []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(streams...),
+		grpc.MaxConcurrentStreams(maxStreams),
+		// Clients may ping at most every 10 s; one that pings faster is
+		// disconnected rather than served.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	}
+	if opts.Auth != nil || opts.Admit != nil {
+		// The interceptor runs after gRPC has read the whole request; the
+		// tap runs on the headers alone, so a caller without a valid token
+		// never gets a request read, buffered or decoded.
+		serverOpts = append(serverOpts, grpc.InTapHandle(tapAdmit(opts.Auth, opts.Admit)))
 	}
 	if opts.MaxRecvMsgSize > 0 {
 		serverOpts = append(serverOpts, grpc.MaxRecvMsgSize(opts.MaxRecvMsgSize))
@@ -127,6 +157,43 @@ func New(opts Options) (*Server, error) {
 	healthpb.RegisterHealthServer(s.Server, s.Health)
 	reflection.Register(s.Server)
 	return s, nil
+}
+
+// tapAdmit refuses, before a stream exists, a call to a non-public method
+// whose bearer token authFn refuses, or that admit does not take on now.
+// It runs in the connection's reader goroutine, so both must be quick (a
+// map lookup, constant-time compares, a semaphore's TryAcquire).
+func tapAdmit(authFn AuthFunc, admit func(context.Context, string) (func(), error)) tap.ServerInHandle {
+	return func(ctx context.Context, info *tap.Info) (context.Context, error) {
+		if Public(info.FullMethodName) {
+			return ctx, nil
+		}
+		authed := ctx
+		if authFn != nil {
+			var header string
+			if v := info.Header.Get("authorization"); len(v) > 0 {
+				header = v[0] // the one the auth interceptor reads
+			}
+			scheme, token, _ := strings.Cut(header, " ")
+			if !strings.EqualFold(scheme, "bearer") || token == "" {
+				return nil, status.Error(codes.Unauthenticated, "missing bearer token")
+			}
+			var err error
+			if authed, err = authFn(ctx, info.FullMethodName, token); err != nil {
+				return nil, err
+			}
+		}
+		if admit != nil {
+			release, err := admit(authed, info.FullMethodName)
+			if err != nil {
+				return nil, err
+			}
+			// ctx is the stream's: gRPC cancels it when the call ends,
+			// however it ends.
+			context.AfterFunc(ctx, release)
+		}
+		return ctx, nil
+	}
 }
 
 // Ready initialises per-method metrics (so dashboards show zeros, not gaps)

@@ -3,6 +3,7 @@ package grpcserver_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"sync/atomic"
@@ -20,6 +21,7 @@ import (
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 	"github.com/bulkhead-io/bulkhead/pkg/grpctest"
+	"github.com/bulkhead-io/bulkhead/pkg/poll"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -247,8 +249,9 @@ func TestMetrics(t *testing.T) {
 			started = true
 		}
 	}
-	if handled["OK"] != 1 || handled["Unauthenticated"] != 1 {
-		t.Errorf("grpc_server_handled_total for Submit = %v, want OK 1 and Unauthenticated 1", handled)
+	// The unauthenticated call was refused before any interceptor (TestTapRefusesBeforeTheBody).
+	if handled["OK"] != 1 || handled["Unauthenticated"] != 0 {
+		t.Errorf("grpc_server_handled_total for Submit = %v, want OK 1 and Unauthenticated 0", handled)
 	}
 	if !started {
 		t.Error("grpc_server_started_total missing")
@@ -299,4 +302,102 @@ func TestShutdown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown of an idle server did not return")
 	}
+}
+
+// TestTapRefusesBeforeTheBody: a call without a valid token is refused on
+// its headers, before gRPC reads its message: a 3 MiB request gets
+// Unauthenticated, and the server never started the call (no metrics
+// interceptor, no handler), so it never held or decoded the body.
+func TestTapRefusesBeforeTheBody(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	svc, client, _ := start(t, reg)
+	ctx := ctxT(t)
+	big := valid()
+	big.Impressions[0].Properties = strings.Repeat("x", 3<<20)
+	for _, c := range []context.Context{ctx, grpctest.WithToken(ctx, "wrong")} {
+		if _, err := client.Submit(c, big); status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("Submit without a valid token: %v, want Unauthenticated", err)
+		}
+	}
+	if svc.calls.Load() != 0 {
+		t.Error("handler ran")
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "grpc_server_started_total" && mf.GetName() != "grpc_server_msg_received_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label(m, "grpc_method") == "Submit" && m.GetCounter().GetValue() != 0 {
+				t.Errorf("%s for Submit = %v: the refused call was started", mf.GetName(), m.GetCounter().GetValue())
+			}
+		}
+	}
+	// A valid token still works, on the same connection.
+	if _, err := client.Submit(grpctest.WithToken(ctx, goodToken), valid()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAdmitSpendsAndReturnsItsBudget: Admit sees each authenticated call on
+// its headers, with the caller Auth found; a refusal reaches the client as
+// sent; and every admitted call gives its budget back when it ends, however
+// it ends (an answer, an error, a stream closed by the client).
+func TestAdmitSpendsAndReturnsItsBudget(t *testing.T) {
+	var inUse, admitted atomic.Int32
+	var refuse atomic.Bool
+	svc := &ingest{}
+	conn := grpctest.Start(t, grpcserver.Options{Auth: auth, Admit: func(ctx context.Context, method string) (func(), error) {
+		if caller, _ := ctx.Value(callerKey{}).(string); caller != "caller-1" {
+			return nil, status.Errorf(codes.Internal, "admit saw caller %q", caller)
+		}
+		if refuse.Load() {
+			return nil, status.Error(codes.ResourceExhausted, "busy")
+		}
+		admitted.Add(1)
+		inUse.Add(1)
+		return func() { inUse.Add(-1) }, nil
+	}}, func(s *grpc.Server) { ingestv1.RegisterIngestServiceServer(s, svc) })
+	client := ingestv1.NewIngestServiceClient(conn)
+	ctx := grpctest.WithToken(ctxT(t), goodToken)
+	for range 5 {
+		if _, err := client.Submit(ctx, valid()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := client.Submit(ctx, &ingestv1.SubmitRequest{IdempotencyKey: "panic", Impressions: valid().Impressions}); status.Code(err) != codes.Internal {
+		t.Fatalf("panicking call: %v", err)
+	}
+	st, err := client.SubmitStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(&ingestv1.SubmitStreamRequest{Sequence: 1, Batch: valid()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	_ = st.CloseSend()
+	for {
+		if _, err := st.Recv(); err != nil {
+			break
+		}
+	}
+	refuse.Store(true)
+	if _, err := client.Submit(ctx, valid()); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("refused call: %v, want ResourceExhausted", err)
+	}
+	if got := admitted.Load(); got != 7 {
+		t.Errorf("admitted %d calls, want 7", got)
+	}
+	poll.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		if n := inUse.Load(); n != 0 {
+			return fmt.Errorf("%d calls still hold their budget after ending", n)
+		}
+		return nil
+	})
 }

@@ -60,6 +60,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	// redelivered after this, and nothing waits longer.
 	fs.DurationVar(&d.AckWait, "ack-wait", 15*time.Second, "redelivery timeout of per-destination consumers (held messages get progress acks every third of it)")
 	fs.IntVar(&d.MaxAckPending, "max-ack-pending", 2000, "messages one destination may hold unacknowledged")
+	fs.IntVar(&d.LaneMaxBytes, "lane-max-bytes", deliver.DefaultLaneMaxBytes, "bytes of messages one destination may hold in memory (pulled, not yet acknowledged); the rest waits in DELIVERY")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", 3*time.Second, "bound on one TCP connect or TLS handshake")
 	fs.Var(&c.AllowNets, "allow-nets", "CIDRs destinations may use although private, comma-separated (e.g. 127.0.0.0/8)")
 	return c

@@ -42,6 +42,12 @@ type Config struct {
 	TenantBurst int
 	// PublishTimeout bounds the wait for JetStream to store a batch.
 	PublishTimeout time.Duration
+	// MaxInflightBytes and TenantInflightBytes bound the request bytes
+	// calls may make ingest hold, in all and per tenant.
+	MaxInflightBytes    int64
+	TenantInflightBytes int64
+	// MaxConcurrentStreams bounds the calls of one connection.
+	MaxConcurrentStreams uint
 }
 
 // Flags registers the configuration's flags on fs and returns it with defaults.
@@ -54,6 +60,9 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.Float64Var(&c.TenantRate, "tenant-rate", 200000, "impressions per second per tenant (0: unlimited)")
 	fs.IntVar(&c.TenantBurst, "tenant-burst", 400000, "impressions a tenant may submit at once")
 	fs.DurationVar(&c.PublishTimeout, "publish-timeout", 5*time.Second, "bound on waiting for JetStream to store a batch")
+	fs.Int64Var(&c.MaxInflightBytes, "max-inflight-bytes", api.DefaultMaxInflightBytes, "request bytes all calls together may make ingest hold; beyond it calls are refused (INGEST_BUSY) before they are read")
+	fs.Int64Var(&c.TenantInflightBytes, "tenant-inflight-bytes", api.DefaultMaxInflightBytes/2, "request bytes one tenant's calls may make ingest hold")
+	fs.UintVar(&c.MaxConcurrentStreams, "max-concurrent-streams", uint(grpcserver.DefaultMaxConcurrentStreams), "calls one connection may have open at once")
 	return c
 }
 
@@ -81,6 +90,14 @@ func (c *Config) Validate() error {
 	}
 	if c.PublishTimeout <= 0 {
 		return errors.New("publish-timeout must be positive")
+	}
+	// One Submit reserves up to 3 × max-batch-bytes (the request gRPC may
+	// read, twice the limit, and the batch stored from it).
+	if need := 3 * int64(c.MaxBatchBytes); c.TenantInflightBytes < need || c.MaxInflightBytes < c.TenantInflightBytes {
+		return fmt.Errorf("tenant-inflight-bytes must be ≥ 3 × max-batch-bytes (%d) and ≤ max-inflight-bytes", need)
+	}
+	if c.MaxConcurrentStreams < 1 || c.MaxConcurrentStreams > 1<<16 {
+		return errors.New("max-concurrent-streams must be within 1..65536")
 	}
 	return nil
 }
@@ -141,20 +158,25 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 
 	// Servers.
 	srv, err := api.New(js, ks, refusals, api.Limits{
-		MaxBatchBytes:  c.MaxBatchBytes,
-		TenantRate:     c.TenantRate,
-		TenantBurst:    c.TenantBurst,
-		PublishTimeout: c.PublishTimeout,
+		MaxBatchBytes:       c.MaxBatchBytes,
+		TenantRate:          c.TenantRate,
+		TenantBurst:         c.TenantBurst,
+		PublishTimeout:      c.PublishTimeout,
+		MaxInflightBytes:    c.MaxInflightBytes,
+		TenantInflightBytes: c.TenantInflightBytes,
 	}, log, reg)
 	if err != nil {
 		return err
 	}
 	gs, err := grpcserver.New(grpcserver.Options{
-		Log: log, Registry: reg, Auth: srv.Authenticate,
-		// Room for batches well over the limit, so the handler can refuse
-		// them with a clear InvalidArgument naming the limit; only grossly
+		// Auth and Admit run on the headers: a call is authenticated and
+		// its memory reserved before gRPC reads its request.
+		Log: log, Registry: reg, Auth: srv.Authenticate, Admit: srv.Admit,
+		// Room for batches over the limit, so the handler can refuse them
+		// with a clear InvalidArgument naming the limit; only grossly
 		// oversized messages meet gRPC's own ResourceExhausted.
-		MaxRecvMsgSize: 4 * c.MaxBatchBytes,
+		MaxRecvMsgSize:       srv.MaxRecvMsgSize(),
+		MaxConcurrentStreams: uint32(c.MaxConcurrentStreams),
 	})
 	if err != nil {
 		return err

@@ -76,8 +76,12 @@ type pulled struct {
 // leader) is re-issued after two missed heartbeats; with a short NextMaxWait
 // that check never fires and the lane would wait forever.
 func (l *lane) consume(ctx context.Context, b *batch.Builder[routed]) ending {
+	// Pulls are bounded in bytes, so what the iterator buffers stays near
+	// the lane's budget too; never below two messages of the largest size,
+	// or a pull could not carry one.
+	pullBytes := max(l.d.cfg.LaneMaxBytes/4, 2*int(l.d.js.Conn().MaxPayload()))
 	it, err := l.consumer().Messages(
-		jetstream.PullMaxMessages(64),
+		jetstream.PullMaxBytes(pullBytes),
 		jetstream.PullExpiry(stream.PullExpiry),
 		jetstream.PullHeartbeat(stream.PullHeartbeat),
 	)
@@ -126,8 +130,15 @@ func (l *lane) consume(ctx context.Context, b *batch.Builder[routed]) ending {
 			wait = max(time.Until(dl), time.Millisecond)
 		}
 		timer.Reset(wait)
+		// At its byte budget the lane takes nothing more until it acks
+		// (release wakes it); the rest waits in DELIVERY. Draining takes
+		// everything, to hand it back.
+		in := msgs
+		if !draining && l.full() {
+			in = nil
+		}
 		select {
-		case p, ok := <-msgs:
+		case p, ok := <-in:
 			if !ok {
 				return why
 			}

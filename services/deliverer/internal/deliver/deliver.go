@@ -39,6 +39,10 @@ type Config struct {
 	AckWait time.Duration
 	// MaxAckPending bounds the messages one destination holds unacknowledged.
 	MaxAckPending int
+	// LaneMaxBytes bounds the bytes of the messages one destination's lane
+	// owns (pulled, not yet acknowledged): at it, the lane stops taking
+	// messages, which stay in DELIVERY. 0: DefaultLaneMaxBytes.
+	LaneMaxBytes int
 	// RetryShare is the share of Workers that retries may occupy at once, so
 	// retries of failing destinations never crowd out fresh traffic.
 	RetryShare float64
@@ -49,6 +53,11 @@ type Config struct {
 	// destinations that no longer exist (see adoptOrphans); 30 s when zero.
 	OrphanInterval time.Duration
 }
+
+// DefaultLaneMaxBytes is a lane's byte budget unless configured: a few
+// POSTs' worth of full batches, so a failing destination waiting out its
+// backoff holds little memory, whatever its backlog.
+const DefaultLaneMaxBytes = 16 << 20
 
 // Deliverer is the running delivery engine.
 type Deliverer struct {
@@ -76,6 +85,9 @@ func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client
 	}
 	if cfg.LagInterval <= 0 {
 		cfg.LagInterval = 5 * time.Second
+	}
+	if cfg.LaneMaxBytes <= 0 {
+		cfg.LaneMaxBytes = DefaultLaneMaxBytes
 	}
 	if cfg.OrphanInterval <= 0 {
 		cfg.OrphanInterval = 30 * time.Second

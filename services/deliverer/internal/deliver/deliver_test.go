@@ -504,3 +504,49 @@ func TestRetryAfterBeyondTheRetryAgeWaitsInsteadOfParking(t *testing.T) {
 		t.Errorf("retried %v after the 429; want about the 2 s left of the retry age", gap)
 	}
 }
+
+// TestFailingLaneOwnsOnlyItsByteBudget: a destination answering 503 with a
+// long backoff waits out its retries without a worker; its lane used to
+// keep pulling until max-ack-pending messages (and their bodies) were in
+// memory. Now it stops at its byte budget and the rest of the backlog
+// stays in DELIVERY.
+func TestFailingLaneOwnsOnlyItsByteBudget(t *testing.T) {
+	cfg := testConfig()
+	cfg.Retry.Base, cfg.Retry.Max = 30*time.Second, 30*time.Second
+	cfg.LaneMaxBytes = 256 << 10
+	e := start(t, cfg)
+	s := newSink(t, always(503))
+	e.destination("d1", s.srv.URL, 2*time.Second)
+	subj, _ := topology.Deliver("d1")
+	const n, size = 100, 100 << 10 // 10 MB of backlog in 100 KB batches
+	for i := range n {
+		b := &eventv1.Batch{BatchId: fmt.Sprintf("b%d", i), TenantId: "t1", DestinationId: "d1",
+			Impressions: []*ingestv1.Impression{{Key: fmt.Sprintf("k%d", i), Split: "s", Treatment: "on", Time: 1, Properties: strings.Repeat("x", size)}}}
+		data, _ := proto.Marshal(b)
+		if _, err := e.js.Publish(context.Background(), subj, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if len(s.requests()) < 1 {
+			return fmt.Errorf("%d attempts so far", len(s.requests()))
+		}
+		return nil
+	})
+	time.Sleep(time.Second) // let the lane pull what it would
+	name, _ := topology.DeliverConsumer("d1")
+	c, err := e.js.Consumer(context.Background(), topology.StreamDelivery, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := c.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Owned: the budget (3 batches) and one over; buffered by the iterator:
+	// one pull of at most twice the server's max payload (1 MB here).
+	if info.NumAckPending > 30 || info.NumPending < n-30 {
+		t.Errorf("the lane holds %d of %d batches (%d still in DELIVERY); want at most 30 held", info.NumAckPending, n, info.NumPending)
+	}
+	t.Logf("held %d batches, %d in DELIVERY", info.NumAckPending, info.NumPending)
+}

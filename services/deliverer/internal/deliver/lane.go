@@ -47,7 +47,9 @@ type lane struct {
 	state   eventv1.State
 	deleted bool
 	owned   map[uint64]owned // by stream sequence
-	wake    chan struct{}
+	// ownedBytes is the size of the owned messages (Config.LaneMaxBytes).
+	ownedBytes int
+	wake       chan struct{}
 	// repull asks the lane to replace its pull subscription (see starving).
 	repull chan struct{}
 	// starved counts the lag watcher's consecutive starving observations;

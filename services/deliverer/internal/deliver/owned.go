@@ -12,6 +12,7 @@ import (
 type owned struct {
 	msg    jetstream.Msg
 	stored time.Time // when DELIVERY stored it
+	bytes  int
 }
 
 // accept records a message as owned, or skips a redelivery of one already
@@ -26,7 +27,8 @@ func (l *lane) accept(m jetstream.Msg) (routed, bool) {
 	l.mu.Lock()
 	_, dup := l.owned[seq]
 	if !dup {
-		l.owned[seq] = owned{msg: m, stored: md.Timestamp}
+		l.owned[seq] = owned{msg: m, stored: md.Timestamp, bytes: len(m.Data())}
+		l.ownedBytes += len(m.Data())
 	}
 	l.mu.Unlock()
 	if dup {
@@ -52,8 +54,23 @@ func (l *lane) ack(r routed) {
 
 func (l *lane) release(seq uint64) {
 	l.mu.Lock()
-	delete(l.owned, seq)
+	if o, ok := l.owned[seq]; ok {
+		l.ownedBytes -= o.bytes
+		delete(l.owned, seq)
+	}
 	l.mu.Unlock()
+	// The lane may have stopped taking messages at its byte budget.
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// full reports whether the lane owns its byte budget of messages.
+func (l *lane) full() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ownedBytes >= l.d.cfg.LaneMaxBytes
 }
 
 // oldestOwned returns when the oldest message the lane holds was stored,
@@ -88,7 +105,7 @@ func (l *lane) touch() {
 func (l *lane) handBack() {
 	l.mu.Lock()
 	msgs := l.owned
-	l.owned = map[uint64]owned{}
+	l.owned, l.ownedBytes = map[uint64]owned{}, 0
 	l.mu.Unlock()
 	for _, o := range msgs {
 		_ = o.msg.Nak()

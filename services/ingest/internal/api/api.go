@@ -47,7 +47,23 @@ type Limits struct {
 	TenantBurst int
 	// PublishTimeout bounds the wait for JetStream's acknowledgement.
 	PublishTimeout time.Duration
+	// MaxRecvMsgSize is the largest request gRPC reads (0: twice
+	// MaxBatchBytes, so a batch somewhat over the limit is refused with an
+	// InvalidArgument naming it, not gRPC's own error).
+	MaxRecvMsgSize int
+	// MaxInflightBytes bounds the request bytes calls may make ingest hold
+	// at once (0: DefaultMaxInflightBytes); TenantInflightBytes bounds one
+	// tenant's share of them (0: half of MaxInflightBytes).
+	MaxInflightBytes    int64
+	TenantInflightBytes int64
 }
+
+// DefaultMaxInflightBytes is half of the 512 MiB the deploy manifests give
+// an ingest pod.
+const DefaultMaxInflightBytes = 256 << 20
+
+// submitMethod is the full name of Submit, which Admit charges more.
+const submitMethod = ingestv1.IngestService_Submit_FullMethodName
 
 // streamWindow is how many batches of one SubmitStream may await
 // JetStream's acknowledgement at once.
@@ -60,6 +76,7 @@ type Server struct {
 	keys    *keys.Store
 	refused Refusals
 	limits  Limits
+	memory  *memory
 	log     *slog.Logger
 	metrics *metrics
 
@@ -88,8 +105,23 @@ func New(js jetstream.JetStream, ks *keys.Store, refused Refusals, limits Limits
 			limits.MaxBatchBytes = fit
 		}
 	}
-	return &Server{js: js, keys: ks, refused: refused, limits: limits, log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
+	if limits.MaxRecvMsgSize <= 0 {
+		limits.MaxRecvMsgSize = 2 * limits.MaxBatchBytes
+	}
+	if limits.MaxInflightBytes <= 0 {
+		limits.MaxInflightBytes = DefaultMaxInflightBytes
+	}
+	if limits.TenantInflightBytes <= 0 {
+		limits.TenantInflightBytes = limits.MaxInflightBytes / 2
+	}
+	if need := int64(limits.MaxRecvMsgSize + limits.MaxBatchBytes); limits.TenantInflightBytes < need {
+		return nil, fmt.Errorf("in-flight bytes per tenant %d cannot hold one Submit (%d)", limits.TenantInflightBytes, need)
+	}
+	return &Server{js: js, keys: ks, refused: refused, limits: limits, memory: newMemory(limits.MaxInflightBytes, limits.TenantInflightBytes), log: log, metrics: m, limiters: map[string]*rate.Limiter{}}, nil
 }
+
+// MaxRecvMsgSize is the largest request the gRPC server must accept.
+func (s *Server) MaxRecvMsgSize() int { return s.limits.MaxRecvMsgSize }
 
 type tenantKey struct{}
 
@@ -255,14 +287,7 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 	if err != nil {
 		return err
 	}
-	type inflight struct {
-		seq     uint64
-		n       int
-		batchID string
-		fut     jetstream.PubAckFuture
-		err     error
-	}
-	window := make(chan inflight, streamWindow)
+	window := make(chan streamed, streamWindow)
 	recvErr := make(chan error, 1)
 	go func() {
 		defer close(window)
@@ -276,14 +301,21 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 			if err != nil {
 				// Validation failures refuse that batch only; the stream goes on.
 				if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument {
-					window <- inflight{seq: req.GetSequence(), err: err}
+					window <- streamed{seq: req.GetSequence(), err: err}
 					continue
 				}
 				recvErr <- err
 				return
 			}
-			f := inflight{seq: req.GetSequence(), n: len(req.GetBatch().GetImpressions())}
+			f := streamed{seq: req.GetSequence(), n: len(req.GetBatch().GetImpressions())}
 			msg, batchID, perr := s.prepare(tenant, req.GetBatch())
+			if perr == nil {
+				// Wait for room: the stream stops reading meanwhile.
+				if f.release, perr = s.memory.hold(ctx, tenant, int64(len(msg.Data))); perr != nil {
+					recvErr <- perr
+					return
+				}
+			}
 			if perr != nil {
 				f.err = perr
 			} else {
@@ -296,6 +328,7 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 			select {
 			case window <- f:
 			case <-ctx.Done():
+				f.free()
 				recvErr <- ctx.Err()
 				return
 			}
@@ -321,14 +354,34 @@ func (s *Server) SubmitStream(srv grpc.BidiStreamingServer[ingestv1.SubmitStream
 			st := status.Convert(err)
 			resp.ErrorCode, resp.ErrorMessage = int32(st.Code()), st.Message()
 		}
-		if err := srv.Send(resp); err != nil {
+		err = srv.Send(resp)
+		f.free()
+		if err != nil {
 			// Drain so the reader is not blocked; the client is gone.
-			for range window {
+			for f := range window {
+				f.free()
 			}
 			return err
 		}
 	}
 	return <-recvErr
+}
+
+// streamed is one batch of a SubmitStream between its read and its answer.
+type streamed struct {
+	seq     uint64
+	n       int
+	batchID string
+	fut     jetstream.PubAckFuture
+	err     error
+	release func() // the batch's bytes, held until it is answered
+}
+
+// free gives the batch's bytes back; it may be called more than once.
+func (f streamed) free() {
+	if f.release != nil {
+		f.release()
+	}
 }
 
 // newBatchID derives the id from the idempotency key when there is one, so a

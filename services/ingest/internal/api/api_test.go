@@ -73,7 +73,7 @@ func start(t *testing.T, lim api.Limits, sl stream.Limits) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn := grpctest.Start(t, grpcserver.Options{Auth: srv.Authenticate, MaxRecvMsgSize: 4 * lim.MaxBatchBytes},
+	conn := grpctest.Start(t, grpcserver.Options{Auth: srv.Authenticate, Admit: srv.Admit, MaxRecvMsgSize: srv.MaxRecvMsgSize()},
 		func(s *grpc.Server) { ingestv1.RegisterIngestServiceServer(s, srv) })
 	return &fixture{js: js, client: ingestv1.NewIngestServiceClient(conn), ctx: grpctest.WithToken(ctx, keyT1)}
 }
@@ -533,6 +533,43 @@ func TestRefusedTenantIsRefusedWithItsReason(t *testing.T) {
 	}
 	if err := admission.Lift(ctx, kv, "t1"); err != nil {
 		t.Fatal(err)
+	}
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
+		return err
+	})
+}
+
+// TestMemoryBudgetRefusesBeforeReading: calls reserve the request bytes
+// they may make ingest hold before gRPC reads them. A tenant whose open
+// stream holds most of its share is refused a Submit with INGEST_BUSY,
+// while another tenant is served; once the stream ends its bytes are back.
+func TestMemoryBudgetRefusesBeforeReading(t *testing.T) {
+	const batch = 64 << 10 // a Submit reserves 2 × 64 KiB to read + 64 KiB to store
+	f := start(t, api.Limits{MaxBatchBytes: batch, TenantInflightBytes: 3 * batch, MaxInflightBytes: 8 * batch}, stream.Limits{})
+	st, err := f.client.SubmitStream(f.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(&ingestv1.SubmitStreamRequest{Sequence: 1, Batch: &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := st.Recv(); err != nil || r.GetErrorCode() != 0 {
+		t.Fatalf("stream batch: %v %v", r, err)
+	}
+	_, err = f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
+	if md := refusedWith(t, err, admission.ReasonIngestBusy); md["tenant"] != "t1" {
+		t.Errorf("metadata %v", md)
+	}
+	t2 := grpctest.WithToken(context.Background(), keyT2)
+	if _, err := f.client.Submit(t2, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")}); err != nil {
+		t.Fatalf("t2 refused while t1 holds its share: %v", err)
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("stream end: %v", err)
 	}
 	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(1, "{}")})
