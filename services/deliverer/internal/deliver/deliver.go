@@ -92,6 +92,12 @@ func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client
 	if cfg.OrphanInterval <= 0 {
 		cfg.OrphanInterval = 30 * time.Second
 	}
+	if cfg.Schedule.TenantMaxInFlight == 0 {
+		// A quarter of the pool: however many slow destinations a tenant
+		// has, three quarters stay for the others. Never below two full
+		// destination caps, so a small pool is not split finer than that.
+		cfg.Schedule.TenantMaxInFlight = max(2*schedule.DefaultConfig().MaxCap, cfg.Schedule.MaxCap*2, cfg.Workers/4)
+	}
 	sched, err := schedule.New[*job](cfg.Schedule)
 	if err != nil {
 		return nil, err
@@ -161,6 +167,7 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	}
 	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.AckWait/3, d.keepAlive) })
 	d.group.Go(func() { lifecycle.Every(ctx, d.cfg.LagInterval, d.watchLag) })
+	d.group.Go(func() { lifecycle.Every(ctx, hangSweep, d.sweepHung) })
 	d.group.Go(func() {
 		d.adoptOrphans(ctx)
 		lifecycle.Every(ctx, d.cfg.OrphanInterval, d.adoptOrphans)
@@ -234,6 +241,19 @@ func (d *Deliverer) watchLag(ctx context.Context) {
 		}
 	}
 	d.metrics.oldestMax.Set(oldestMax.Seconds())
+}
+
+// hangSweep is how often lanes are checked for requests hanging far
+// beyond their usual latency (schedule.Sweep).
+const hangSweep = 250 * time.Millisecond
+
+// sweepHung cuts the in-flight cap of lanes whose requests hang; the body
+// of a loop.
+func (d *Deliverer) sweepHung(context.Context) {
+	for _, id := range d.sched.Sweep() {
+		d.metrics.hung.Inc()
+		d.log.Warn("destination not answering far beyond its usual latency; one request in flight until it does", "destination", id)
+	}
 }
 
 // starvingChecks is how many lag checks in a row must find a lane starving

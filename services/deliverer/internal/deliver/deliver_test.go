@@ -45,6 +45,7 @@ type env struct {
 	dests jetstream.KeyValue
 	decs  jetstream.KeyValue
 	seq   atomic.Int64
+	d     *Deliverer
 }
 
 func testConfig() Config {
@@ -91,7 +92,7 @@ func startOn(t *testing.T, cfg Config, js jetstream.JetStream, limits stream.Lim
 		view.Stop()
 		client.CloseIdleConnections()
 	})
-	e := &env{t: t, js: js}
+	e := &env{t: t, js: js, d: d}
 	if e.dests, err = js.KeyValue(ctx, topology.BucketDestinations); err != nil {
 		t.Fatal(err)
 	}
@@ -103,12 +104,17 @@ func startOn(t *testing.T, cfg Config, js jetstream.JetStream, limits stream.Lim
 
 func (e *env) destination(id, url string, timeout time.Duration) *adminv1.Destination {
 	e.t.Helper()
+	return e.destinationOf("t1", id, url, timeout)
+}
+
+func (e *env) destinationOf(tenant, id, url string, timeout time.Duration) *adminv1.Destination {
+	e.t.Helper()
 	secret, err := webhook.NewSecret()
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	// Stored with its limits, as the admin API stores every destination.
-	d := &adminv1.Destination{Id: id, TenantId: "t1", Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(timeout),
+	d := &adminv1.Destination{Id: id, TenantId: tenant, Url: url, Secret: secret, Enabled: true, Timeout: durationpb.New(timeout),
 		MaxBatchImpressions: 100, MaxBatchBytes: 1 << 20, Linger: durationpb.New(20 * time.Millisecond)}
 	b, err := registry.Encode(d)
 	if err != nil {
@@ -549,4 +555,98 @@ func TestFailingLaneOwnsOnlyItsByteBudget(t *testing.T) {
 		t.Errorf("the lane holds %d of %d batches (%d still in DELIVERY); want at most 30 held", info.NumAckPending, n, info.NumPending)
 	}
 	t.Logf("held %d batches, %d in DELIVERY", info.NumAckPending, info.NumPending)
+}
+
+// TestHangingDestinationIsCutToOneWithinSeconds: a destination that
+// answered quickly (its cap grown) stops answering. Within about 2 s, long
+// before its 10 s timeout (and so before the monitor can see a single
+// failure), its in-flight cap is one.
+func TestHangingDestinationIsCutToOneWithinSeconds(t *testing.T) {
+	var hanging atomic.Bool
+	s := newSink(t, func(int) (int, http.Header) {
+		if hanging.Load() {
+			return 0, nil
+		}
+		return 200, nil
+	})
+	e := start(t, testConfig())
+	e.destination("d1", s.srv.URL, 10*time.Second)
+	e.publish("d1", 300)
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if st, _ := e.d.sched.Stats("d1"); st.Cap < 3 {
+			return fmt.Errorf("cap %d; growing", st.Cap)
+		}
+		return nil
+	})
+	hanging.Store(true)
+	onset := time.Now()
+	e.publish("d1", 300)
+	poll.CheckFor(t, 6*time.Second, 20*time.Millisecond, func() error {
+		if st, _ := e.d.sched.Stats("d1"); st.Cap != 1 {
+			return fmt.Errorf("cap %d, %d in flight", st.Cap, st.InFlight)
+		}
+		return nil
+	})
+	if took := time.Since(onset); took > 5*time.Second {
+		t.Errorf("cut to one after %v; want about 2 s", took)
+	} else {
+		t.Logf("cut to one %v after it stopped answering", took.Round(10*time.Millisecond))
+	}
+}
+
+// TestSlowTenantLeavesThePoolToOthers: tenant "slow" has 8 destinations
+// answering 200 after 1.5 s of their 2 s timeout, never quarantined. They
+// may hold at most their tenant's share of the 16 workers (8 here), their
+// caps shrink instead of growing, and another tenant's destination is
+// served in the meantime as if they were not there.
+func TestSlowTenantLeavesThePoolToOthers(t *testing.T) {
+	var now, peak atomic.Int32
+	slow := newSink(t, func(int) (int, http.Header) {
+		if n := now.Add(1); n > peak.Load() {
+			peak.Store(n)
+		}
+		time.Sleep(1500 * time.Millisecond)
+		now.Add(-1)
+		return 200, nil
+	})
+	fast := newSink(t, always(200))
+	cfg := testConfig()
+	cfg.Workers = 16
+	cfg.Schedule.TenantMaxInFlight = 8
+	e := start(t, cfg)
+	for i := range 8 {
+		id := fmt.Sprintf("slow%d", i)
+		e.destinationOf("slow", id, slow.srv.URL, 2*time.Second)
+	}
+	e.destinationOf("quiet", "quiet", fast.srv.URL, 2*time.Second)
+	for i := range 8 {
+		e.publish(fmt.Sprintf("slow%d", i), 40)
+	}
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if now.Load() < 6 {
+			return fmt.Errorf("%d slow requests in flight", now.Load())
+		}
+		return nil
+	})
+	start := time.Now()
+	keys := e.publish("quiet", 100)
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if got := fast.received(); got != len(keys) {
+			return fmt.Errorf("quiet destination got %d of %d", got, len(keys))
+		}
+		return nil
+	})
+	took := time.Since(start)
+	if took > 3*time.Second {
+		t.Errorf("the quiet tenant waited %v beside the slow one", took)
+	}
+	if p := peak.Load(); p > 8 {
+		t.Errorf("the slow tenant held %d workers at once; its share is 8", p)
+	}
+	for i := range 8 {
+		if st, _ := e.d.sched.Stats(fmt.Sprintf("slow%d", i)); st.Cap > 2 {
+			t.Errorf("slow%d's cap grew to %d on answers near its timeout", i, st.Cap)
+		}
+	}
+	t.Logf("quiet tenant served in %v; slow tenant peaked at %d workers", took.Round(time.Millisecond), peak.Load())
 }

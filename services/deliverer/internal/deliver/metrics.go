@@ -23,11 +23,16 @@ type metrics struct {
 	resubscribed    *prometheus.CounterVec
 	oldest          *prometheus.GaugeVec
 	oldestMax       prometheus.Gauge
+	hung            prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	dest := []string{"destination"}
 	m := &metrics{
+		hung: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_hung_total",
+			Help: "Times a destination's requests went unanswered far beyond its usual latency and its in-flight cap was cut to one.",
+		}),
 		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bulkhead_deliverer_attempts_total", Help: "POST attempts, by destination and result (ok or an error class).",
 		}, []string{"destination", "result"}),
@@ -81,7 +86,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Age of the oldest batch still in DELIVERY over all destinations: how far behind the worst destination is.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.resubscribed, m.oldest, m.oldestMax, m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
+	for _, c := range []prometheus.Collector{m.hung, m.resubscribed, m.oldest, m.oldestMax, m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
 		m.inflight, m.capacity, m.queued, m.inflightTotal, m.parkFailed, m.outcomeLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

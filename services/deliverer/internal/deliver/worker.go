@@ -102,6 +102,9 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 			l.ack(it.Value)
 		}
 		d.metrics.delivered.WithLabelValues(l.id).Add(float64(j.batch.Impressions))
+		if float64(res.Latency) >= slowShare*float64(timeout) {
+			return schedule.Slow
+		}
 		return schedule.OK
 	case res.Gone:
 		l.park(j, parked.Because(parked.Disabled, "HTTP %d: destination gone; disabled", res.Status))
@@ -130,6 +133,10 @@ func (d *Deliverer) attempt(j *job) schedule.Result {
 	d.group.AfterFunc(delay, func() { d.requeue(j) }) // cancelled at shutdown: handBack returns j
 	return schedule.Failure
 }
+
+// slowShare is the fraction of its timeout beyond which a 2xx counts as
+// slow: the destination's in-flight cap shrinks instead of growing.
+const slowShare = 0.5
 
 // requeue pushes a batch back after its backoff. While the lane is full it
 // tries again shortly; when the lane holds traffic the batch is parked.

@@ -5,11 +5,14 @@
 // Each destination is a lane: a FIFO of ready batches and an adaptive
 // in-flight cap (AIMD). A worker asks Next for work; the scheduler picks a
 // tenant, then a lane of that tenant, each by deficit round robin weighted by
-// impressions, among the lanes that have a batch queued and a free slot. A
-// black-holed destination therefore holds at most its cap of workers (it
-// shrinks to MinCap as its requests time out), and a destination with a deep
-// backlog gets its share of impressions per round, no more, however short the
-// queue of the others.
+// impressions and by the worker time each ticket held, among the lanes that
+// have a batch queued and a free slot, of tenants below their in-flight
+// bound. A black-holed destination therefore holds at most its cap of
+// workers (cut to MinCap by Sweep once its requests hang, and as they time
+// out), a slow one is served less often and its cap shrinks, a tenant holds
+// at most TenantMaxInFlight workers however many destinations it has, and a
+// destination with a deep backlog gets its share per round, no more,
+// however short the queue of the others.
 //
 // Two levels instead of one DRR over lanes because tenants own very different
 // numbers of destinations: with a single level, a tenant with 500 destinations
@@ -21,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // ErrClosed is returned by Push and Next once the scheduler is closed.
@@ -51,12 +55,28 @@ type Config struct {
 	// MinCap, InitialCap and MaxCap bound a lane's in-flight cap and set the
 	// cap of a new lane.
 	MinCap, InitialCap, MaxCap int
+	// TenantMaxInFlight bounds the tickets of one tenant's lanes in flight
+	// together, so one tenant's many slow destinations cannot hold the
+	// whole pool; 0 means no bound.
+	TenantMaxInFlight int
+	// TimeQuantum is the worker time charged as one Quantum of impressions:
+	// a ticket held longer than it costs its lane and tenant that much more
+	// in the round robin, so a destination that holds workers for seconds
+	// is served less often, not as often as a fast one.
+	TimeQuantum time.Duration
+	// HangAfter and HangFactor say when a lane's requests count as hanging:
+	// its oldest ticket in flight is older than HangAfter and HangFactor
+	// times the lane's usual time to an answer. Sweep then cuts the lane's
+	// cap to MinCap at once, well before the requests time out.
+	HangAfter  time.Duration
+	HangFactor float64
 }
 
 // DefaultConfig returns the scheduler's defaults: quantum 500 impressions, 64
 // queued items per lane, in-flight cap starting at 2 within [1, 8].
 func DefaultConfig() Config {
-	return Config{Quantum: 500, MaxQueued: 64, MinCap: 1, InitialCap: 2, MaxCap: 8}
+	return Config{Quantum: 500, MaxQueued: 64, MinCap: 1, InitialCap: 2, MaxCap: 8,
+		TimeQuantum: 100 * time.Millisecond, HangAfter: 2 * time.Second, HangFactor: 4}
 }
 
 // withDefaults returns c with its zero fields set from DefaultConfig.
@@ -69,6 +89,15 @@ func (c Config) withDefaults() Config {
 		if *f.v == 0 {
 			*f.v = *f.def
 		}
+	}
+	if c.TimeQuantum == 0 {
+		c.TimeQuantum = d.TimeQuantum
+	}
+	if c.HangAfter == 0 {
+		c.HangAfter = d.HangAfter
+	}
+	if c.HangFactor == 0 {
+		c.HangFactor = d.HangFactor
 	}
 	return c
 }
@@ -89,6 +118,10 @@ func (c Config) Validate() error {
 		problem = fmt.Sprintf("max cap %d must be at least min cap %d", c.MaxCap, c.MinCap)
 	case c.InitialCap < c.MinCap || c.InitialCap > c.MaxCap:
 		problem = fmt.Sprintf("initial cap %d must be in [%d, %d]", c.InitialCap, c.MinCap, c.MaxCap)
+	case c.TenantMaxInFlight < 0:
+		problem = fmt.Sprintf("tenant max in flight %d must not be negative", c.TenantMaxInFlight)
+	case c.TimeQuantum < 0 || c.HangAfter < 0 || c.HangFactor < 1:
+		problem = "time quantum and hang-after must not be negative, hang factor at least 1"
 	default:
 		return nil
 	}
@@ -114,6 +147,11 @@ const (
 	// Failure halves the cap: the destination is unreachable or overloaded (a
 	// timeout, a connection error, a 5xx, a 429).
 	Failure
+	// Slow halves the cap too: the destination answered 2xx, but so close
+	// to its timeout that more requests in flight would only hold more
+	// workers (a slow destination is never quarantined, so this is what
+	// bounds it).
+	Slow
 )
 
 // Ticket is an item handed to a worker by Next. Pass it back to Done exactly
@@ -126,7 +164,9 @@ type Ticket[T any] struct {
 	// Cost is the cost as pushed.
 	Cost int
 
-	lane *queue[T]
+	lane  *queue[T]
+	id    uint64
+	start time.Time
 }
 
 // Stats is a snapshot of one lane.
@@ -137,6 +177,9 @@ type Stats struct {
 	InFlight int
 	// Cap is the lane's current in-flight cap.
 	Cap int
+	// Usual is the lane's usual time to an answer (a moving average of its
+	// successes); 0 before the first.
+	Usual time.Duration
 }
 
 // entry is a queued item.
@@ -159,6 +202,10 @@ type queue[T any] struct {
 	streak  int
 	removed bool
 	link    link[*queue[T]]
+	// started holds when each ticket in flight was handed out, by id; usual
+	// is the moving average of successful tickets' time.
+	started map[uint64]time.Time
+	usual   time.Duration
 }
 
 func (l *queue[T]) links() *link[*queue[T]] { return &l.link }
@@ -170,10 +217,11 @@ func (l *queue[T]) ready() bool {
 // tenant groups the lanes of one tenant. It is linked in the scheduler's ring
 // exactly when one of its lanes is ready.
 type tenant[T any] struct {
-	id    string
-	lanes ring[*queue[T]] // ready lanes
-	count int             // all lanes
-	link  link[*tenant[T]]
+	id       string
+	lanes    ring[*queue[T]] // ready lanes
+	count    int             // all lanes
+	inflight int             // tickets of its lanes in flight
+	link     link[*tenant[T]]
 }
 
 func (t *tenant[T]) links() *link[*tenant[T]] { return &t.link }
@@ -192,6 +240,10 @@ type Scheduler[T any] struct {
 	active  ring[*tenant[T]] // tenants with a ready lane
 	waiting int              // Next calls blocked in cond.Wait
 	closed  bool
+	// busy are the lanes with tickets in flight, for Sweep.
+	busy   map[*queue[T]]struct{}
+	nextID uint64
+	now    func() time.Time
 }
 
 // New returns a scheduler, or an error wrapping ErrInvalidConfig.
@@ -203,6 +255,8 @@ func New[T any](cfg Config) (*Scheduler[T], error) {
 		cfg:     cfg.withDefaults(),
 		lanes:   make(map[string]*queue[T]),
 		tenants: make(map[string]*tenant[T]),
+		busy:    make(map[*queue[T]]struct{}),
+		now:     time.Now,
 	}
 	s.cond.L = &s.mu
 	return s, nil
@@ -243,29 +297,31 @@ func (s *Scheduler[T]) newLane(id, tenantID string) *queue[T] {
 		s.tenants[tenantID] = t
 	}
 	t.count++
-	l := &queue[T]{id: id, tenant: t, cap: s.cfg.InitialCap}
+	l := &queue[T]{id: id, tenant: t, cap: s.cfg.InitialCap, started: map[uint64]time.Time{}}
 	s.lanes[id] = l
 	return l
 }
 
-// update links or unlinks l, and its tenant, to match whether l is ready, and
-// reports whether it is. Lock must be held.
+// update links or unlinks l, and its tenant, to match whether l is ready
+// and the tenant may send (a ready lane, below its in-flight bound), and
+// reports whether l can be picked now. Lock must be held.
 func (s *Scheduler[T]) update(l *queue[T]) bool {
 	t := l.tenant
 	ready := l.ready()
 	switch {
 	case ready && !l.link.linked:
 		t.lanes.push(l)
-		if !t.link.linked {
-			s.active.push(t)
-		}
 	case !ready && l.link.linked:
 		t.lanes.remove(l)
-		if t.lanes.n == 0 {
-			s.active.remove(t)
-		}
 	}
-	return ready
+	active := t.lanes.n > 0 && (s.cfg.TenantMaxInFlight == 0 || t.inflight < s.cfg.TenantMaxInFlight)
+	switch {
+	case active && !t.link.linked:
+		s.active.push(t)
+	case !active && t.link.linked:
+		s.active.remove(t)
+	}
+	return ready && active
 }
 
 // Next blocks until an item is ready in a lane below its in-flight cap, then
@@ -323,14 +379,27 @@ func (s *Scheduler[T]) pick() Ticket[T] {
 	l := t.lanes.pick(s.cfg.Quantum)
 	e := l.queue.pop()
 	l.inflight++
+	t.inflight++
+	s.nextID++
+	id, start := s.nextID, s.now()
+	l.started[id] = start
+	s.busy[l] = struct{}{}
 
-	cost := min(e.cost, maxQuanta*s.cfg.Quantum)
-	l.link.deficit -= cost
-	t.link.deficit -= cost
-	s.update(l) // unlinks l if it is now empty or at its cap
+	s.charge(l, min(e.cost, maxQuanta*s.cfg.Quantum))
+	s.update(l) // unlinks l if it is now empty or at its cap, t at its bound
+	return Ticket[T]{Lane: l.id, Tenant: t.id, Item: e.item, Cost: e.cost, lane: l, id: id, start: start}
+}
+
+// charge debits cost from l and its tenant, keeping each debt within
+// maxQuanta quanta, and ends their visits if they have spent their credit.
+// Lock must be held.
+func (s *Scheduler[T]) charge(l *queue[T], cost int) {
+	t := l.tenant
+	floor := -maxQuanta * s.cfg.Quantum
+	l.link.deficit = max(l.link.deficit-cost, floor)
+	t.link.deficit = max(t.link.deficit-cost, floor)
 	t.lanes.settle(l)
 	s.active.settle(t)
-	return Ticket[T]{Lane: l.id, Tenant: t.id, Item: e.item, Cost: e.cost, lane: l}
 }
 
 // Done ends a ticket handed out by Next and adapts its lane's cap to r (AIMD):
@@ -344,24 +413,82 @@ func (s *Scheduler[T]) Done(t Ticket[T], r Result) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	l := t.lane
-	if l == nil || l.removed || l.inflight == 0 {
+	if l == nil {
 		return
 	}
+	if _, ok := l.started[t.id]; !ok {
+		return // done already, or its lane was removed
+	}
+	delete(l.started, t.id)
 	l.inflight--
+	l.tenant.inflight--
+	if l.inflight == 0 {
+		delete(s.busy, l)
+	}
+	held := s.now().Sub(t.start)
+	if s.cfg.TimeQuantum > 0 {
+		// Worker time beyond the first quantum is charged as impressions.
+		if extra := int(held/s.cfg.TimeQuantum) * s.cfg.Quantum; extra > 0 {
+			s.charge(l, min(extra, maxQuanta*s.cfg.Quantum))
+		}
+	}
 	switch r {
 	case OK:
+		l.usual = usual(l.usual, held)
 		l.streak++
 		if l.streak >= l.cap {
 			l.cap = min(l.cap+1, s.cfg.MaxCap)
 			l.streak = 0
 		}
+	case Slow:
+		l.usual = usual(l.usual, held)
+		l.cap = max(l.cap/2, s.cfg.MinCap)
+		l.streak = 0
 	case Failure:
 		l.cap = max(l.cap/2, s.cfg.MinCap)
 		l.streak = 0
 	}
-	if s.update(l) {
+	if l.removed {
+		return
+	}
+	if s.update(l) || l.tenant.link.linked {
 		s.cond.Signal()
 	}
+}
+
+// usual folds one more success of duration d into the moving average u.
+func usual(u, d time.Duration) time.Duration {
+	if u == 0 {
+		return d
+	}
+	return (4*u + d) / 5
+}
+
+// Sweep cuts to MinCap the cap of every lane whose oldest ticket in flight
+// has waited longer than HangAfter and HangFactor times the lane's usual
+// time to an answer, and returns those lanes: a destination that stops
+// answering holds one worker within seconds instead of its whole cap until
+// its requests time out. The deliverer calls it a few times a second.
+func (s *Scheduler[T]) Sweep() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	var hung []string
+	for l := range s.busy {
+		if l.cap <= s.cfg.MinCap {
+			continue
+		}
+		patience := max(s.cfg.HangAfter, time.Duration(s.cfg.HangFactor*float64(l.usual)))
+		for _, at := range l.started {
+			if now.Sub(at) > patience {
+				l.cap, l.streak = s.cfg.MinCap, 0
+				s.update(l)
+				hung = append(hung, l.id)
+				break
+			}
+		}
+	}
+	return hung
 }
 
 // Drain removes and returns the items queued in lane, oldest first, leaving
@@ -407,7 +534,14 @@ func (s *Scheduler[T]) Remove(lane string) []T {
 	l.removed = true
 	s.update(l)
 	delete(s.lanes, lane)
+	delete(s.busy, l)
 	t := l.tenant
+	// Its tickets in flight no longer count against the tenant; their Done
+	// does nothing.
+	t.inflight -= len(l.started)
+	l.started = map[uint64]time.Time{}
+	l.inflight = 0
+	s.update(l)
 	t.count--
 	if t.count == 0 {
 		delete(s.tenants, t.id)
@@ -423,7 +557,7 @@ func (s *Scheduler[T]) Stats(lane string) (Stats, bool) {
 	if l == nil {
 		return Stats{}, false
 	}
-	return Stats{Queued: l.queue.len(), InFlight: l.inflight, Cap: l.cap}, true
+	return Stats{Queued: l.queue.len(), InFlight: l.inflight, Cap: l.cap, Usual: l.usual}, true
 }
 
 // Close makes Push and Next return ErrClosed and wakes every blocked Next.

@@ -679,3 +679,142 @@ func BenchmarkParallel(b *testing.B) {
 		}
 	})
 }
+
+// clock is a settable time for the scheduler's now.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func withClock(s *Scheduler[int]) *clock {
+	c := &clock{t: time.Unix(1_700_000_000, 0)}
+	s.mu.Lock()
+	s.now = c.now
+	s.mu.Unlock()
+	return c
+}
+
+// TestTenantCannotHoldThePool: one tenant's 10 destinations, each with work
+// and room in its own cap, may hold only TenantMaxInFlight workers; the
+// next worker serves another tenant, and the bound frees as tickets end.
+func TestTenantCannotHoldThePool(t *testing.T) {
+	s := newScheduler(t, Config{Quantum: 1, MaxCap: 8, InitialCap: 8, TenantMaxInFlight: 4})
+	for i := range 10 {
+		for j := range 8 {
+			mustPush(t, s, fmt.Sprintf("a%d", i), "A", i*10+j, 1)
+		}
+	}
+	var held []Ticket[int]
+	for range 4 {
+		tk := mustNext(t, s)
+		if tk.Tenant != "A" {
+			t.Fatalf("picked %s with only A queued", tk.Tenant)
+		}
+		held = append(held, tk)
+	}
+	assertBlocked(t, s) // A is at its bound; nobody else has work
+	mustPush(t, s, "b", "B", 1000, 1)
+	if tk := mustNext(t, s); tk.Tenant != "B" {
+		t.Fatalf("picked %s, want B while A holds its bound", tk.Tenant)
+	}
+	s.Done(held[0], OK)
+	if tk := mustNext(t, s); tk.Tenant != "A" {
+		t.Fatalf("picked %s after one of A's ended, want A", tk.Tenant)
+	}
+	assertBlocked(t, s)
+}
+
+// TestWorkerTimeIsCharged: two tenants with endless work, one whose
+// requests take 1 s and one whose take 10 ms. Charged by impressions alone
+// they would be picked equally often; charged by worker time too, the fast
+// one is picked many times more, so the slow one holds far fewer workers.
+func TestWorkerTimeIsCharged(t *testing.T) {
+	s := newScheduler(t, Config{Quantum: 10, MaxCap: 8, InitialCap: 8, TimeQuantum: 100 * time.Millisecond})
+	c := withClock(s)
+	picks := map[string]int{}
+	for i := range 2000 {
+		for _, tn := range []string{"slow", "fast"} {
+			if st, ok := s.Stats(tn); !ok || st.Queued < 2 {
+				mustPush(t, s, tn, tn, i, 10)
+			}
+		}
+		tk := mustNext(t, s)
+		picks[tk.Tenant]++
+		if tk.Tenant == "slow" {
+			c.advance(time.Second)
+		} else {
+			c.advance(10 * time.Millisecond)
+		}
+		s.Done(tk, OK)
+	}
+	if picks["fast"] < 10*picks["slow"] {
+		t.Errorf("picks %v: the fast tenant should get at least 10 times the slow one's", picks)
+	}
+	t.Logf("picks %v", picks)
+}
+
+// TestSlowAnswersShrinkTheCap: 2xx answers close to the timeout (Slow)
+// halve the cap as failures do; fast ones grow it.
+func TestSlowAnswersShrinkTheCap(t *testing.T) {
+	s := newScheduler(t, Config{Quantum: 1, MinCap: 1, InitialCap: 8, MaxCap: 8})
+	for i := range 4 {
+		mustPush(t, s, "l", "t", i, 1)
+	}
+	for _, want := range []int{4, 2, 1} {
+		s.Done(mustNext(t, s), Slow)
+		if got := stats(t, s, "l").Cap; got != want {
+			t.Fatalf("cap %d after a slow answer, want %d", got, want)
+		}
+	}
+	s.Done(mustNext(t, s), OK)
+	if got := stats(t, s, "l").Cap; got != 2 {
+		t.Errorf("cap %d after an OK at cap 1, want 2", got)
+	}
+}
+
+// TestSweepCapsAHangingLane: a destination that answered in 50 ms and then
+// holds its 8 requests unanswered is cut to one in flight once they have
+// waited 2 s, long before a 10 s timeout; one whose answers usually take
+// 1 s is given four times that before it counts as hanging.
+func TestSweepCapsAHangingLane(t *testing.T) {
+	s := newScheduler(t, Config{Quantum: 1, MinCap: 1, InitialCap: 8, MaxCap: 8, HangAfter: 2 * time.Second, HangFactor: 4})
+	c := withClock(s)
+	learn := func(lane string, took time.Duration) {
+		mustPush(t, s, lane, lane, 0, 1)
+		tk := mustNext(t, s)
+		c.advance(took)
+		s.Done(tk, OK)
+	}
+	learn("quick", 50*time.Millisecond)
+	learn("steady", time.Second)
+	for _, lane := range []string{"quick", "steady"} {
+		for i := range 8 {
+			mustPush(t, s, lane, lane, i, 1)
+		}
+	}
+	for range 16 {
+		mustNext(t, s)
+	}
+	c.advance(1900 * time.Millisecond)
+	if hung := s.Sweep(); len(hung) != 0 {
+		t.Fatalf("hung %v after 1.9 s", hung)
+	}
+	c.advance(200 * time.Millisecond)
+	if hung := s.Sweep(); !slices.Equal(hung, []string{"quick"}) {
+		t.Fatalf("hung %v after 2.1 s, want [quick]", hung)
+	}
+	if got := stats(t, s, "quick").Cap; got != 1 {
+		t.Errorf("quick's cap %d, want 1", got)
+	}
+	c.advance(2 * time.Second)
+	if hung := s.Sweep(); !slices.Equal(hung, []string{"steady"}) {
+		t.Fatalf("hung %v after 4.1 s, want [steady]", hung)
+	}
+}
