@@ -258,6 +258,8 @@ type ReplayOptions struct {
 	// Shared, when set, is a budget every replay of this process waits on as
 	// well, so many destinations recovering at once cannot flood delivery.
 	Shared *rate.Limiter
+	// Only, when set, picks the batches to move; the others stay parked.
+	Only func(*eventv1.Batch) bool
 }
 
 // Replay moves parked batches of dest back to imp.deliver.<dest>, oldest first,
@@ -294,6 +296,9 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 	err = each(ctx, s, dest, o.Range, o.UpTo, func(m Msg) error {
 		if o.Continue != nil && !o.Continue() {
 			return errStop
+		}
+		if o.Only != nil && !o.Only(m.Batch) {
+			return nil
 		}
 		if o.RampEvery > 0 && time.Now().After(nextRamp) && float64(lim.Limit()) < o.MaxRate {
 			lim.SetLimit(min(lim.Limit()*2, rate.Limit(o.MaxRate)))

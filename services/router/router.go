@@ -110,7 +110,9 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	if err != nil {
 		return err
 	}
-	fo, err := fanout.New(js, dests, c.Fanout, log, reg)
+	fcfg := c.Fanout
+	fcfg.OverBudget = rep.Overflowed
+	fo, err := fanout.New(js, dests, fcfg, log, reg)
 	if err != nil {
 		return err
 	}

@@ -40,6 +40,10 @@ type Config struct {
 	MaxAckPending int
 	// PublishTimeout bounds the wait for the outputs to be stored.
 	PublishTimeout time.Duration
+	// OverBudget, when set, is told of every destination whose output was
+	// parked because its DELIVERY backlog was at its budget (the replayer
+	// moves those batches back once there is room).
+	OverBudget func(dest string)
 }
 
 // Fanout is the fan-out worker pool.
@@ -322,6 +326,9 @@ func (r *Fanout) publish(ctx context.Context, b *eventv1.Batch, targets []route.
 		if err != nil && stream.IsSubjectFull(err) && !targets[i].Park {
 			// Over budget: park this share (and this share only) with the reason.
 			r.metrics.overBudget.Inc()
+			if r.cfg.OverBudget != nil {
+				r.cfg.OverBudget(targets[i].DestinationID)
+			}
 			targets[i].Park = true
 			targets[i].Reason = parked.Reason{Class: parked.OverBudget}
 			if f, err = r.publishOne(b, &targets[i]); err == nil {
