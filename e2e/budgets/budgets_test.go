@@ -42,22 +42,10 @@ func start(t *testing.T, tune func(*stack.Configs)) *env {
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), Tune: func(c *stack.Configs) {
+	_, ing, adm := stack.StartT(t, stack.Options{StoreDir: t.TempDir(), Tune: func(c *stack.Configs) {
 		c.Monitor.Engine.BacklogInterval = 200 * time.Millisecond
 		tune(c)
 	}, Log: stack.TestLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	ing, err := s.IngestClient()
-	if err != nil {
-		t.Fatal(err)
-	}
-	adm, err := s.AdminClient(0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	return &env{t: t, ing: ing, adm: adm}
 }
 

@@ -48,19 +48,7 @@ func TestNoDestinationStopsReceiving(t *testing.T) {
 		t.Skip("cluster of nats-server processes")
 	}
 	c := cluster.Start(t, 3)
-	s, err := stack.Start(stack.Options{NATSURL: c.URLs(), Log: stack.TestLoggerAt(t, slog.LevelWarn)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	ing, err := s.IngestClient()
-	if err != nil {
-		t.Fatal(err)
-	}
-	adm, err := s.AdminClient(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, ing, adm := stack.StartT(t, stack.Options{NATSURL: c.URLs(), Log: stack.TestLoggerAt(t, slog.LevelWarn)})
 	nc, err := nats.Connect(c.URLs(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)

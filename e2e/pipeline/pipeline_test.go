@@ -31,20 +31,7 @@ func start(t *testing.T, tune func(*stack.Configs)) (*stack.Stack, ingestv1.Inge
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	s, err := stack.Start(stack.Options{StoreDir: t.TempDir(), Tune: tune, Log: stack.TestLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	ing, err := s.IngestClient()
-	if err != nil {
-		t.Fatal(err)
-	}
-	adm, err := s.AdminClient(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s, ing, adm
+	return stack.StartT(t, stack.Options{StoreDir: t.TempDir(), Tune: tune, Log: stack.TestLogger(t)})
 }
 
 func receiver(t *testing.T) *stack.Receiver {

@@ -8,6 +8,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	adminv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/admin/v1"
+	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 )
 
 // keptLogLines is how much of the services' log a failed test prints.
@@ -54,4 +57,25 @@ func (b *lockedBuffer) tail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// StartT starts a stack for a test, stops it when the test ends, and
+// returns it with an IngestService client and an AdminService client of the
+// first monitor; any failure fails the test.
+func StartT(t testing.TB, opts Options) (*Stack, ingestv1.IngestServiceClient, adminv1.AdminServiceClient) {
+	t.Helper()
+	s, err := Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	ing, err := s.IngestClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adm, err := s.AdminClient(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, ing, adm
 }
