@@ -93,6 +93,18 @@ func startEnginesWith(t *testing.T, n int, configure func(*Config)) (*env, []con
 		t.Cleanup(stop)
 		cancels = append(cancels, stop)
 	}
+	// Each engine reads outcomes from when its consumer exists (deliver
+	// new): wait for them all, or a test's first outcomes could be missed.
+	poll.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		st, err := js.Stream(context.Background(), topology.StreamOutcomes)
+		if err != nil {
+			return err
+		}
+		if c := st.CachedInfo().State.Consumers; c < n {
+			return fmt.Errorf("%d of %d outcome consumers", c, n)
+		}
+		return nil
+	})
 	return &env{t: t, js: js, kv: kv, engines: engines}, cancels
 }
 
