@@ -27,6 +27,12 @@ import (
 // EnvPrefix prefixes the environment variables of this service.
 const EnvPrefix = "BULKHEAD_INGEST"
 
+// DefaultTenantRate is -tenant-rate's default, impressions/s: a quarter of
+// what the whole pipeline sustained on the reference machine
+// (docs/bench/throughput.md), so one tenant at its rate leaves three
+// quarters to the others. Measure your deployment and set it from that.
+const DefaultTenantRate = 25000
+
 // Config is the ingest service's configuration.
 type Config struct {
 	service.Base
@@ -57,8 +63,11 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", "127.0.0.1:7400", "address of the IngestService")
 	fs.Var(&c.APIKeys, "api-keys", "comma-separated key=tenant pairs")
 	fs.IntVar(&c.MaxBatchBytes, "max-batch-bytes", 1<<20, "largest serialized batch accepted")
-	fs.Float64Var(&c.TenantRate, "tenant-rate", 200000, "impressions per second per tenant (0: unlimited)")
-	fs.IntVar(&c.TenantBurst, "tenant-burst", 400000, "impressions a tenant may submit at once")
+	// A fair share of measured capacity, not a number above it: a quarter of
+	// the 107,568 impressions/s `make bench-throughput` sustained on the
+	// reference 2-core machine, so no one tenant can take the pipeline.
+	fs.Float64Var(&c.TenantRate, "tenant-rate", DefaultTenantRate, "impressions per second per tenant (0: unlimited); default a quarter of the measured capacity of a 2-core machine")
+	fs.IntVar(&c.TenantBurst, "tenant-burst", 2*DefaultTenantRate, "impressions a tenant may submit at once")
 	fs.DurationVar(&c.PublishTimeout, "publish-timeout", 5*time.Second, "bound on waiting for JetStream to store a batch")
 	fs.Int64Var(&c.MaxInflightBytes, "max-inflight-bytes", api.DefaultMaxInflightBytes, "request bytes all calls together may make ingest hold; beyond it calls are refused (INGEST_BUSY) before they are read")
 	fs.Int64Var(&c.TenantInflightBytes, "tenant-inflight-bytes", api.DefaultMaxInflightBytes/2, "request bytes one tenant's calls may make ingest hold")
