@@ -76,6 +76,14 @@ func NewMsg(b *eventv1.Batch, reason Reason, attempts int32, msgID string) (*nat
 	return m, nil
 }
 
+// ReplayIDPrefix starts the message id of every batch Replay puts back in
+// DELIVERY (then its PARKED sequence): the deliverer tells replayed
+// batches from fresh ones by it, to keep them to their share of workers.
+const ReplayIDPrefix = "replay-"
+
+// IsReplay reports whether msgID is that of a replayed batch.
+func IsReplay(msgID string) bool { return strings.HasPrefix(msgID, ReplayIDPrefix) }
+
 // ReplayGrace is how long after a destination starts RECOVERING its replay
 // begins. Routers enforce a decision within a second; waiting longer than that
 // means every batch a lagging router parked before it saw the decision is
@@ -320,7 +328,7 @@ func Replay(ctx context.Context, js jetstream.JetStream, dest string, o ReplayOp
 		}
 		out := nats.NewMsg(deliverSubj)
 		out.Data = data
-		out.Header.Set(jetstream.MsgIDHeader, "replay-"+strconv.FormatUint(m.Seq, 10))
+		out.Header.Set(jetstream.MsgIDHeader, ReplayIDPrefix+strconv.FormatUint(m.Seq, 10))
 		if _, err := js.PublishMsg(ctx, out); err != nil {
 			return fmt.Errorf("replay to %s: %w", deliverSubj, err)
 		}

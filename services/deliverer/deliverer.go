@@ -58,6 +58,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	fs.IntVar(&d.Retry.MaxAttempts, "retry-attempts", d.Retry.MaxAttempts, "attempts before a batch is parked")
 	fs.DurationVar(&d.Retry.MaxAge, "retry-max-age", d.Retry.MaxAge, "age after which a failing batch is parked")
 	fs.Float64Var(&d.RetryShare, "retry-share", 0.5, "share of the workers retries may occupy at once (the rest is kept for fresh traffic)")
+	fs.Float64Var(&d.ReplayShare, "replay-share", deliver.DefaultReplayShare, "share of the workers replayed batches (recovering backlogs) may occupy at once")
 	// Short, with progress acks every third of it: a batch delivered to a
 	// deliverer that died, or lost in transit when a NATS node stalled, is
 	// redelivered after this, and nothing waits longer.
@@ -92,8 +93,8 @@ func (c *Config) Validate() error {
 	if c.ConnectTimeout <= 0 {
 		return errors.New("connect-timeout must be positive")
 	}
-	if d.RetryShare <= 0 || d.RetryShare > 1 {
-		return errors.New("retry-share: want more than 0 and at most 1")
+	if d.RetryShare <= 0 || d.RetryShare > 1 || d.ReplayShare <= 0 || d.ReplayShare > 1 {
+		return errors.New("retry-share and replay-share: want more than 0 and at most 1")
 	}
 	if d.AckWait < 3*time.Second {
 		return errors.New("ack-wait: want at least 3s")

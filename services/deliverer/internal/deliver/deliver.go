@@ -46,6 +46,11 @@ type Config struct {
 	// RetryShare is the share of Workers that retries may occupy at once, so
 	// retries of failing destinations never crowd out fresh traffic.
 	RetryShare float64
+	// ReplayShare is the share of Workers that replayed batches (parked
+	// backlogs moving back after a recovery) may occupy at once, so many
+	// destinations recovering together never crowd out fresh traffic.
+	// 0: DefaultReplayShare.
+	ReplayShare float64
 	// LagInterval is how often each lane's consumer is read for the lag
 	// gauges and the starving check (see checkStarving); 5 s when zero.
 	LagInterval time.Duration
@@ -53,6 +58,9 @@ type Config struct {
 	// destinations that no longer exist (see adoptOrphans); 30 s when zero.
 	OrphanInterval time.Duration
 }
+
+// DefaultReplayShare is the share of the workers replays may use at once.
+const DefaultReplayShare = 0.25
 
 // DefaultLaneMaxBytes is a lane's byte budget unless configured: a few
 // POSTs' worth of full batches, so a failing destination waiting out its
@@ -68,8 +76,10 @@ type Deliverer struct {
 	metrics *metrics
 	sched   *schedule.Scheduler[*job]
 	view    *registry.Registry
-	// retrying counts workers busy with a retry (see RetryShare).
-	retrying atomic.Int64
+	// retrying counts workers busy with a retry (see RetryShare), replaying
+	// those busy with a replayed batch (ReplayShare).
+	retrying  atomic.Int64
+	replaying atomic.Int64
 	// group owns every goroutine and retry timer of the deliverer: workers,
 	// lanes, parking, the keep-alive and lag loops.
 	group lifecycle.Group
@@ -85,6 +95,9 @@ func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client
 	}
 	if cfg.LagInterval <= 0 {
 		cfg.LagInterval = 5 * time.Second
+	}
+	if cfg.ReplayShare <= 0 {
+		cfg.ReplayShare = DefaultReplayShare
 	}
 	if cfg.LaneMaxBytes <= 0 {
 		cfg.LaneMaxBytes = DefaultLaneMaxBytes

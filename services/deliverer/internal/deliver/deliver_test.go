@@ -456,20 +456,21 @@ func TestQuarantineParksWaitingTraffic(t *testing.T) {
 }
 
 func TestRetryBudget(t *testing.T) {
-	cfg := testConfig()
-	cfg.Workers, cfg.RetryShare = 4, 0.5
-	d := &Deliverer{cfg: cfg}
+	var busy atomic.Int64
 	for i := range 2 {
-		if !d.takeRetrySlot() {
+		if !takeSlot(&busy, 0.5, 4) {
 			t.Fatalf("retry %d of 2 got no slot", i+1)
 		}
 	}
-	if d.takeRetrySlot() {
+	if takeSlot(&busy, 0.5, 4) {
 		t.Fatal("a third concurrent retry exceeded a 50% share of 4 workers")
 	}
-	d.retrying.Add(-1)
-	if !d.takeRetrySlot() {
+	busy.Add(-1)
+	if !takeSlot(&busy, 0.5, 4) {
 		t.Fatal("a released slot was not reusable")
+	}
+	if !takeSlot(new(atomic.Int64), 0.01, 4) {
+		t.Fatal("a share below one worker must still allow one")
 	}
 }
 
@@ -649,4 +650,59 @@ func TestSlowTenantLeavesThePoolToOthers(t *testing.T) {
 		}
 	}
 	t.Logf("quiet tenant served in %v; slow tenant peaked at %d workers", took.Round(time.Millisecond), peak.Load())
+}
+
+// TestReplaysKeepToTheirShare: a recovering destination's replayed backlog
+// (message ids from parked.Replay) is delivered with at most ReplayShare of
+// the workers at once, while fresh traffic of another destination is
+// delivered beside it.
+func TestReplaysKeepToTheirShare(t *testing.T) {
+	var now, peak atomic.Int32
+	slow := newSink(t, func(int) (int, http.Header) {
+		if n := now.Add(1); n > peak.Load() {
+			peak.Store(n)
+		}
+		time.Sleep(300 * time.Millisecond)
+		now.Add(-1)
+		return 200, nil
+	})
+	fresh := newSink(t, always(200))
+	cfg := testConfig()
+	cfg.Workers, cfg.ReplayShare = 8, 0.25 // two replay workers
+	cfg.Schedule.TenantMaxInFlight = 8
+	e := start(t, cfg)
+	for i := range 4 {
+		e.destinationOf(fmt.Sprintf("r%d", i), fmt.Sprintf("rec%d", i), slow.srv.URL, 2*time.Second)
+	}
+	e.destinationOf("f", "fresh", fresh.srv.URL, 2*time.Second)
+	for i := range 4 {
+		subj, _ := topology.Deliver(fmt.Sprintf("rec%d", i))
+		for j := range 10 {
+			b := &eventv1.Batch{BatchId: fmt.Sprintf("p%d-%d", i, j), TenantId: fmt.Sprintf("r%d", i), DestinationId: fmt.Sprintf("rec%d", i),
+				Impressions: []*ingestv1.Impression{{Key: fmt.Sprintf("k%d-%d", i, j), Split: "s", Treatment: "on", Time: 1}}}
+			data, _ := proto.Marshal(b)
+			m := nats.NewMsg(subj)
+			m.Data = data
+			m.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("%s%d", parked.ReplayIDPrefix, i*100+j))
+			if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	keys := e.publish("fresh", 50)
+	poll.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		if got := fresh.received(); got != len(keys) {
+			return fmt.Errorf("fresh destination got %d of %d", got, len(keys))
+		}
+		return nil
+	})
+	poll.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+		if got := slow.received(); got != 40 {
+			return fmt.Errorf("replays delivered %d of 40", got)
+		}
+		return nil
+	})
+	if p := peak.Load(); p > 2 {
+		t.Errorf("replays held %d workers at once; their share is 2 of 8", p)
+	}
 }

@@ -13,6 +13,7 @@ type metrics struct {
 	parked          *prometheus.CounterVec
 	retries         *prometheus.CounterVec
 	retriesDeferred prometheus.Counter
+	replaysDeferred prometheus.Counter
 	pending         *prometheus.GaugeVec
 	inflight        *prometheus.GaugeVec
 	capacity        *prometheus.GaugeVec
@@ -29,6 +30,9 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	dest := []string{"destination"}
 	m := &metrics{
+		replaysDeferred: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "bulkhead_deliverer_replays_deferred_total", Help: "Replayed batches held back because replays already used their share of the workers.",
+		}),
 		hung: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "bulkhead_deliverer_hung_total",
 			Help: "Times a destination's requests went unanswered far beyond its usual latency and its in-flight cap was cut to one.",
@@ -86,7 +90,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Age of the oldest batch still in DELIVERY over all destinations: how far behind the worst destination is.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.hung, m.resubscribed, m.oldest, m.oldestMax, m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
+	for _, c := range []prometheus.Collector{m.replaysDeferred, m.hung, m.resubscribed, m.oldest, m.oldestMax, m.attempts, m.latency, m.delivered, m.parked, m.retries, m.retriesDeferred, m.pending,
 		m.inflight, m.capacity, m.queued, m.inflightTotal, m.parkFailed, m.outcomeLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

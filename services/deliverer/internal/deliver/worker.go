@@ -2,6 +2,7 @@ package deliver
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -32,8 +33,20 @@ func (d *Deliverer) work() {
 			d.sched.Done(t, schedule.Neutral)
 			continue
 		}
+		replay := j.replay()
+		if replay && !takeSlot(&d.replaying, d.cfg.ReplayShare, d.cfg.Workers) {
+			// Over the replay budget: recovering backlogs wait a little,
+			// without a worker, so fresh traffic keeps its workers.
+			d.metrics.replaysDeferred.Inc()
+			d.sched.Done(t, schedule.Neutral)
+			d.group.AfterFunc(retryDeferral, func() { d.requeue(j) })
+			continue
+		}
 		retry := j.attempt > 0
-		if retry && !d.takeRetrySlot() {
+		if retry && !takeSlot(&d.retrying, d.cfg.RetryShare, d.cfg.Workers) {
+			if replay {
+				d.replaying.Add(-1)
+			}
 			// Over the retry budget: fresh traffic keeps its share of the
 			// workers; this retry waits a little without holding one.
 			d.metrics.retriesDeferred.Inc()
@@ -45,6 +58,9 @@ func (d *Deliverer) work() {
 		if retry {
 			d.retrying.Add(-1)
 		}
+		if replay {
+			d.replaying.Add(-1)
+		}
 	}
 }
 
@@ -52,19 +68,29 @@ func (d *Deliverer) work() {
 // offered to the scheduler again.
 const retryDeferral = 100 * time.Millisecond
 
-// takeRetrySlot reserves one of the workers retries may use at once:
-// RetryShare of the pool, at least one.
-func (d *Deliverer) takeRetrySlot() bool {
-	limit := max(1, int64(d.cfg.RetryShare*float64(d.cfg.Workers)))
+// takeSlot reserves one of the workers a kind of work may use at once
+// (share of the pool, at least one), counted in busy.
+func takeSlot(busy *atomic.Int64, share float64, workers int) bool {
+	limit := max(1, int64(share*float64(workers)))
 	for {
-		n := d.retrying.Load()
+		n := busy.Load()
 		if n >= limit {
 			return false
 		}
-		if d.retrying.CompareAndSwap(n, n+1) {
+		if busy.CompareAndSwap(n, n+1) {
 			return true
 		}
 	}
+}
+
+// replay reports whether j carries a replayed batch (parked.IsReplay).
+func (j *job) replay() bool {
+	for _, it := range j.batch.Items {
+		if parked.IsReplay(it.ID) {
+			return true
+		}
+	}
+	return false
 }
 
 // attempt POSTs j once and settles it: acknowledged on success, parked when
