@@ -77,6 +77,10 @@ generate-check: generate ## fail when the committed generated code is stale
 bench: ## the noisy-neighbor benchmark (≈8 minutes; writes docs/bench/)
 	go run ./e2e/cmd/bench scenario
 
+.PHONY: bench-noisy
+bench-noisy: ## the noisy-neighbor matrix, one line per shape (≈15 minutes; writes docs/bench/noisy.*)
+	go run ./e2e/cmd/bench noisy
+
 .PHONY: bench-throughput
 bench-throughput: ## highest sustained throughput vs the floor relay
 	go run ./e2e/cmd/bench throughput

@@ -48,9 +48,13 @@ const (
 	Flapping
 	// Throttled answers 429 Too Many Requests with "Retry-After: 1".
 	Throttled
+	// ThrottledLong answers 429 with a Retry-After of Options.RetryAfter.
+	ThrottledLong
+	// Reject400 answers 400 Bad Request to everything: a permanent refusal.
+	Reject400
 )
 
-var behaviorNames = [...]string{"healthy", "hang", "refused", "503", "slow-ok", "flapping", "throttled"}
+var behaviorNames = [...]string{"healthy", "hang", "refused", "503", "slow-ok", "flapping", "throttled", "throttled-long", "reject-400"}
 
 // String returns the behaviour's short name.
 func (b Behavior) String() string {
@@ -74,6 +78,7 @@ var ErrBehavior = errors.New("unknown behavior")
 const (
 	DefaultSlowDelay  = 2 * time.Second
 	DefaultFlapPeriod = 5 * time.Second
+	DefaultRetryAfter = 20 * time.Second
 	// DefaultMaxBody bounds a request body (after decompression).
 	DefaultMaxBody = 32 << 20
 	// relistenFor bounds how long Set retries listening on the old port.
@@ -88,6 +93,8 @@ type Options struct {
 	// FlapPeriod is the length of each half of Flapping
 	// (DefaultFlapPeriod when zero).
 	FlapPeriod time.Duration
+	// RetryAfter is ThrottledLong's Retry-After (DefaultRetryAfter when zero).
+	RetryAfter time.Duration
 	// MaxBody bounds a request body, compressed or not (DefaultMaxBody when
 	// zero). Larger bodies are answered 413.
 	MaxBody int64
@@ -108,6 +115,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.FlapPeriod == 0 {
 		o.FlapPeriod = DefaultFlapPeriod
+	}
+	if o.RetryAfter == 0 {
+		o.RetryAfter = DefaultRetryAfter
 	}
 	if o.MaxBody == 0 {
 		o.MaxBody = DefaultMaxBody
@@ -141,7 +151,7 @@ type Stats struct {
 	// Status429 were answered 429 (Throttled).
 	Status429 int64 `json:"status_429"`
 	// BadRequest had a body that could not be read, decompressed or decoded
-	// (answered 400), or was too large (answered 413).
+	// (answered 400), was too large (answered 413), or met Reject400.
 	BadRequest int64 `json:"bad_request"`
 	// Dropped got no answer: they were hung (Hang), the client left during
 	// SlowOK's delay, the endpoint switched to Refused while they were in a
@@ -285,7 +295,7 @@ func (f *Fleet) Set(i int, b Behavior) error {
 	if i < 0 || i >= len(f.eps) {
 		return fmt.Errorf("set endpoint %d: %w", i, ErrNoEndpoint)
 	}
-	if b < Healthy || b > Throttled {
+	if b < Healthy || b > Reject400 {
 		return fmt.Errorf("set endpoint %d: %w: %d", i, ErrBehavior, b)
 	}
 	ep := f.eps[i]
@@ -507,10 +517,17 @@ func (ep *endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ep.drop(w)
 	case Status503:
 		ep.fail503(w)
-	case Throttled:
+	case Throttled, ThrottledLong:
 		ep.s429.Add(1)
-		w.Header().Set("Retry-After", "1")
+		after := "1"
+		if m.b == ThrottledLong {
+			after = strconv.Itoa(int(ep.f.opts.RetryAfter.Seconds()))
+		}
+		w.Header().Set("Retry-After", after)
 		http.Error(w, "throttled", http.StatusTooManyRequests)
+	case Reject400:
+		ep.bad.Add(1)
+		http.Error(w, "rejected", http.StatusBadRequest)
 	case SlowOK:
 		t := time.NewTimer(ep.f.opts.SlowDelay)
 		defer t.Stop()

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/e2e/internal/noisy"
+	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
+	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
+)
+
+// noisyJSON is what bench noisy writes to docs/bench/noisy.json.
+type noisyJSON struct {
+	Date     string         `json:"date"`
+	Machine  string         `json:"machine"`
+	Measure  string         `json:"measure"`
+	Env      []string       `json:"env"`
+	Rows     []noisy.Result `json:"rows"`
+	Baseline int64          `json:"baseline_quiet_p99_ns"`
+}
+
+// runNoisy runs the noisy-neighbor matrix: a baseline row (quiet tenants
+// only) and one row per shape of noisy tenant, each against a fresh Bulkhead
+// process, and prints one line per row.
+func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
+	fs := flag.NewFlagSet("noisy", flag.ContinueOnError)
+	measure := fs.Duration("measure", 30*time.Second, "load per row")
+	drain := fs.Duration("drain", 90*time.Second, "longest wait after the load of a row")
+	only := fs.String("shapes", "", "comma-separated shapes to run (default: all); baseline always runs")
+	budget := fs.Int("tenant-parked-budget", 200, "the monitor's -tenant-parked-budget in batches, small so the paused row fills it within the load")
+	rate := fs.Float64("tenant-rate", 25000, "ingest's -tenant-rate: what the flood row offers")
+	out := fs.String("out", "", "directory for noisy.md and noisy.json (default: docs/bench)")
+	workdir := fs.String("workdir", "", "where Bulkhead's data and logs go (default: a new temporary directory)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	root, err := repo.Root()
+	if err != nil {
+		return err
+	}
+	if *out == "" {
+		*out = filepath.Join(root, "docs", "bench")
+	}
+	if *workdir == "" {
+		if *workdir, err = os.MkdirTemp("", "bulkhead-noisy-"); err != nil {
+			return err
+		}
+		defer os.RemoveAll(*workdir)
+	}
+	bin, err := buildDevstack(ctx, root, *workdir)
+	if err != nil {
+		return err
+	}
+	env := []string{
+		fmt.Sprintf("BULKHEAD_MONITOR_TENANT_PARKED_BUDGET=%d", *budget),
+		fmt.Sprintf("BULKHEAD_INGEST_TENANT_RATE=%.0f", *rate),
+		fmt.Sprintf("BULKHEAD_INGEST_TENANT_BURST=%.0f", 2**rate),
+	}
+	const tenants = 4 // three quiet, one noisy
+	var keys, ids []string
+	for i := range tenants {
+		keys, ids = append(keys, scenario.APIKey(i)), append(ids, scenario.TenantID(i))
+	}
+	want := map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		if s != "" {
+			want[s] = true
+		}
+	}
+	var rows []noisy.Result
+	var lines []string
+	var baseline time.Duration
+	for i, s := range noisy.Shapes(*rate) {
+		if len(want) > 0 && !s.Idle && !want[s.Name] {
+			continue
+		}
+		log.Info("row start", "shape", s.Name)
+		c, err := startChild(ctx, bin, filepath.Join(*workdir, fmt.Sprintf("row-%02d", i)), tenants, env)
+		if err != nil {
+			return err
+		}
+		res, err := noisy.Run(ctx, noisy.Options{
+			IngestAddr: c.IngestAddr, AdminAddr: c.AdminAddr, AdminToken: adminToken,
+			Keys: keys, Tenants: ids, Quiet: tenants - 1, QuietBatch: 10, QuietEvery: 100 * time.Millisecond,
+			Measure: *measure, Drain: *drain, Timeout: 10 * time.Second, SlowDelay: 9500 * time.Millisecond, Log: log,
+		}, s)
+		if serr := c.Stop(); serr != nil {
+			log.Warn("stop bulkhead", "err", serr)
+		}
+		if err != nil {
+			return fmt.Errorf("row %s: %w (log %s)", s.Name, err, c.LogPath)
+		}
+		if s.Idle {
+			baseline = res.QuietP99
+		}
+		line := res.Line(baseline)
+		fmt.Println(line)
+		rows, lines = append(rows, res), append(lines, line)
+	}
+	return writeNoisy(*out, *measure, env, baseline, rows, lines)
+}
+
+func writeNoisy(dir string, measure time.Duration, env []string, baseline time.Duration, rows []noisy.Result, lines []string) error {
+	j := noisyJSON{Date: time.Now().UTC().Format(time.RFC3339), Machine: fmt.Sprintf("%d cores, %s", runtime.NumCPU(), runtime.Version()),
+		Measure: measure.String(), Env: env, Rows: rows, Baseline: int64(baseline)}
+	b, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "noisy.json"), append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	var md strings.Builder
+	fmt.Fprintf(&md, "# Noisy-neighbor matrix\n\n`make bench-noisy`, %s, %s. Each row runs against a fresh Bulkhead process (the dev stack), "+
+		"with three quiet tenants (one healthy destination each, 10 impressions every 100 ms) and one noisy tenant in the row's shape, "+
+		"for %s of load; then the noisy endpoints heal, a paused destination is resumed, and everything is accounted by impression key. "+
+		"Settings: %s.\n\n", j.Date, j.Machine, measure, strings.Join(env, " "))
+	md.WriteString("| shape | quiet p99 | × baseline | lost | duplicates | quiet refused | noisy accepted | noisy delivered | noisy parked | noisy refused |\n")
+	md.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	for _, r := range rows {
+		ratio := float64(r.QuietP99) / float64(max(baseline, 1))
+		var ref []string
+		for k, n := range r.NoisyRefused {
+			ref = append(ref, fmt.Sprintf("%s %d", k, n))
+		}
+		fmt.Fprintf(&md, "| %s | %.0f ms | %.2f | %d | %d | %d | %d | %d | %d | %s |\n", r.Shape, float64(r.QuietP99)/1e6, ratio,
+			r.QuietLost+r.NoisyLost, r.QuietDups+r.NoisyDups, r.QuietRefused, r.NoisyAccepted, r.NoisyDelivered, r.NoisyParked, strings.Join(ref, ", "))
+	}
+	md.WriteString("\nThe lines `make bench-noisy` printed:\n\n```text\n" + strings.Join(lines, "\n") + "\n```\n")
+	return os.WriteFile(filepath.Join(dir, "noisy.md"), []byte(md.String()), 0o644)
+}
