@@ -15,6 +15,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/e2e/internal/noisy"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
+	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 )
 
 // noisyJSON is what bench noisy writes to docs/bench/noisy.json.
@@ -53,7 +54,7 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 		if *workdir, err = os.MkdirTemp("", "bulkhead-noisy-"); err != nil {
 			return err
 		}
-		defer os.RemoveAll(*workdir)
+		defer func() { _ = os.RemoveAll(*workdir) }()
 	}
 	bin, err := buildDevstack(ctx, root, *workdir)
 	if err != nil {
@@ -86,6 +87,17 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 		c, err := startChild(ctx, bin, filepath.Join(*workdir, fmt.Sprintf("row-%02d", i)), tenants, env)
 		if err != nil {
 			return err
+		}
+		wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		for _, addr := range []string{c.IngestAddr, c.AdminAddr} {
+			if err == nil {
+				err = grpcserver.WaitServing(wctx, addr)
+			}
+		}
+		cancel()
+		if err != nil {
+			_ = c.Stop()
+			return fmt.Errorf("row %s: %w (log %s)", s.Name, err, c.LogPath)
 		}
 		res, err := noisy.Run(ctx, noisy.Options{
 			IngestAddr: c.IngestAddr, AdminAddr: c.AdminAddr, AdminToken: adminToken,
