@@ -18,6 +18,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/conf"
 	ingestv1 "github.com/bulkhead-io/bulkhead/pkg/gen/bulkhead/ingest/v1"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
+	"github.com/bulkhead-io/bulkhead/pkg/registry"
 	"github.com/bulkhead-io/bulkhead/pkg/service"
 	"github.com/bulkhead-io/bulkhead/pkg/telemetry"
 	"github.com/bulkhead-io/bulkhead/services/ingest/internal/api"
@@ -66,7 +67,7 @@ func Flags(fs *flag.FlagSet) *Config {
 	// A fair share of measured capacity, not a number above it: a quarter of
 	// the 107,568 impressions/s `make bench-throughput` sustained on the
 	// reference 2-core machine, so no one tenant can take the pipeline.
-	fs.Float64Var(&c.TenantRate, "tenant-rate", DefaultTenantRate, "impressions per second per tenant (0: unlimited); default a quarter of the measured capacity of a 2-core machine")
+	fs.Float64Var(&c.TenantRate, "tenant-rate", DefaultTenantRate, "delivered impressions per second per tenant, a batch counting its impressions × the tenant's destinations (0: unlimited); default a quarter of the measured capacity of a 2-core machine")
 	fs.IntVar(&c.TenantBurst, "tenant-burst", 2*DefaultTenantRate, "impressions a tenant may submit at once")
 	fs.DurationVar(&c.PublishTimeout, "publish-timeout", 5*time.Second, "bound on waiting for JetStream to store a batch")
 	fs.Int64Var(&c.MaxInflightBytes, "max-inflight-bytes", api.DefaultMaxInflightBytes, "request bytes all calls together may make ingest hold; beyond it calls are refused (INGEST_BUSY) before they are read")
@@ -164,6 +165,15 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		return err
 	}
 	defer refusals.Stop()
+	// The destinations, to charge a tenant's rate by what its batches cost.
+	dests, err := registry.Open(ctx, js, log)
+	if err != nil {
+		return err
+	}
+	defer dests.Stop()
+	if err := dests.RegisterMetrics(reg); err != nil {
+		return err
+	}
 
 	// Servers.
 	srv, err := api.New(js, ks, refusals, api.Limits{
@@ -173,6 +183,7 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 		PublishTimeout:      c.PublishTimeout,
 		MaxInflightBytes:    c.MaxInflightBytes,
 		TenantInflightBytes: c.TenantInflightBytes,
+		Fanout:              func(tenant string) int { return len(dests.ForTenant(tenant)) },
 	}, log, reg)
 	if err != nil {
 		return err

@@ -41,8 +41,14 @@ import (
 type Limits struct {
 	// MaxBatchBytes bounds one serialized batch.
 	MaxBatchBytes int
-	// TenantRate is impressions per second per tenant (0: unlimited).
+	// TenantRate is impressions per second per tenant (0: unlimited), as
+	// delivered: a batch is charged its impressions times Fanout(tenant).
 	TenantRate float64
+	// Fanout returns how many destinations the tenant has (nil: 1). Each
+	// destination costs the pipeline a copy of every impression (routed,
+	// stored, POSTed), so a tenant with 64 destinations uses 64 times the
+	// capacity of one with one; the rate counts what it costs.
+	Fanout func(tenant string) int
 	// TenantBurst is how many impressions a tenant may submit at once.
 	TenantBurst int
 	// PublishTimeout bounds the wait for JetStream's acknowledgement.
@@ -175,7 +181,14 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 		}
 	}
 	if lim := s.limiter(tenant); lim != nil {
-		if r := lim.ReserveN(time.Now(), n); !r.OK() || r.Delay() > 0 {
+		copies := 1
+		if s.limits.Fanout != nil {
+			copies = max(1, s.limits.Fanout(tenant))
+		}
+		// Never above the burst, or a batch to many destinations could
+		// never be admitted at all.
+		cost := min(n*copies, lim.Burst())
+		if r := lim.ReserveN(time.Now(), cost); !r.OK() || r.Delay() > 0 {
 			var wait time.Duration
 			if r.OK() {
 				wait = r.Delay()
@@ -184,7 +197,8 @@ func (s *Server) prepare(tenant string, req *ingestv1.SubmitRequest) (*nats.Msg,
 				wait = time.Second
 			}
 			s.metrics.refused(tenant, "rate_limited", n)
-			return nil, "", refusal(codes.ResourceExhausted, fmt.Sprintf("tenant %s is over its rate of %.0f impressions/s", tenant, s.limits.TenantRate),
+			return nil, "", refusal(codes.ResourceExhausted, fmt.Sprintf("tenant %s is over its rate of %.0f delivered impressions/s (this batch: %d impressions to %d destinations)",
+				tenant, s.limits.TenantRate, n, copies),
 				wait, admission.ReasonRateLimited, tenant, nil)
 		}
 	}

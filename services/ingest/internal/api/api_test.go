@@ -576,3 +576,32 @@ func TestMemoryBudgetRefusesBeforeReading(t *testing.T) {
 		return err
 	})
 }
+
+// TestRateCountsEveryDestination: a batch costs the pipeline one copy per
+// destination of its tenant, so it is charged its impressions times that
+// number: a tenant with 4 destinations gets a quarter of the impressions a
+// tenant with one does, and the refusal says why.
+func TestRateCountsEveryDestination(t *testing.T) {
+	f := start(t, api.Limits{TenantRate: 1, TenantBurst: 1000, Fanout: func(tenant string) int {
+		if tenant == "t1" {
+			return 4
+		}
+		return 1
+	}}, stream.Limits{})
+	for i := range 2 {
+		if _, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(125, "")}); err != nil {
+			t.Fatalf("batch %d: 500 of 1,000 delivered impressions: %v", i+1, err)
+		}
+	}
+	_, err := f.client.Submit(f.ctx, &ingestv1.SubmitRequest{Impressions: impressions(125, "")})
+	refusedWith(t, err, admission.ReasonRateLimited)
+	if st, _ := status.FromError(err); !strings.Contains(st.Message(), "125 impressions to 4 destinations") {
+		t.Errorf("message %q does not say what the batch costs", st.Message())
+	}
+	t2 := grpctest.WithToken(context.Background(), keyT2)
+	for i := range 8 {
+		if _, err := f.client.Submit(t2, &ingestv1.SubmitRequest{Impressions: impressions(125, "")}); err != nil {
+			t.Fatalf("t2 (one destination), batch %d: %v", i+1, err)
+		}
+	}
+}

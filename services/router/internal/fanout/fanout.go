@@ -53,6 +53,9 @@ type Fanout struct {
 	cfg     Config
 	log     *slog.Logger
 	metrics *metrics
+	// wave bounds the outputs of one batch awaiting their acks at once: with
+	// every worker at it, half the connection's async window is in use.
+	wave int
 }
 
 // New returns a fan-out reading destinations and decisions from reg.
@@ -61,7 +64,7 @@ func New(js jetstream.JetStream, reg *registry.Registry, cfg Config, log *slog.L
 	if err != nil {
 		return nil, err
 	}
-	return &Fanout{js: js, reg: reg, cfg: cfg, log: log, metrics: m}, nil
+	return &Fanout{js: js, reg: reg, cfg: cfg, log: log, metrics: m, wave: max(1, asyncWindow/(2*max(cfg.Workers, 1)))}, nil
 }
 
 // Run consumes until ctx ends, then finishes the batches in flight (and those
@@ -305,10 +308,34 @@ func (r *Fanout) handle(a arrival) {
 // (parked.OverBudget). It returns the destinations whose share could not be
 // stored, and the first error.
 func (r *Fanout) publish(ctx context.Context, b *eventv1.Batch, targets []route.Target) ([]string, error) {
+	var failed []string
+	var firstErr error
+	// In waves: the connection's window of unacknowledged publishes is
+	// shared by every worker, and one batch of a tenant with a thousand
+	// destinations must not fill it and stall everyone's routing.
+	for start := 0; start < len(targets); start += r.wave {
+		end := min(start+r.wave, len(targets))
+		f, err := r.publishWave(ctx, b, targets[start:end])
+		failed = append(failed, f...)
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	return failed, firstErr
+}
+
+// asyncWindow is nats.go's default bound on a connection's unacknowledged
+// async publishes; past it every publish stalls.
+const asyncWindow = 4000
+
+// publishWave stores targets' shares of b and waits for them.
+func (r *Fanout) publishWave(ctx context.Context, b *eventv1.Batch, targets []route.Target) ([]string, error) {
 	futures := make([]jetstream.PubAckFuture, len(targets))
 	for i := range targets {
 		f, err := r.publishOne(b, &targets[i])
 		if err != nil {
+			// Those already started are waited for by nobody; their ids
+			// make a retry store each once.
 			return ids(targets), err
 		}
 		futures[i] = f

@@ -45,6 +45,11 @@ func start(t *testing.T, dests []*adminv1.Destination, decisions []*eventv1.Deci
 
 func startWith(t *testing.T, limits stream.Limits, dests []*adminv1.Destination, decisions []*eventv1.Decision) *fixture {
 	t.Helper()
+	return startCfg(t, Config{Workers: 2, AckWait: 30 * time.Second, MaxAckPending: 100, PublishTimeout: 10 * time.Second}, limits, dests, decisions)
+}
+
+func startCfg(t *testing.T, cfg Config, limits stream.Limits, dests []*adminv1.Destination, decisions []*eventv1.Decision) *fixture {
+	t.Helper()
 	tk := testkit.JetStream(t, limits)
 	js, destKV, decKV := tk.JS, tk.Destinations, tk.Decisions
 	ctx, cancel := context.WithCancel(context.Background())
@@ -68,7 +73,7 @@ func startWith(t *testing.T, limits stream.Limits, dests []*adminv1.Destination,
 		t.Fatal(err)
 	}
 	t.Cleanup(reg.Stop) // after the router has stopped (cleanups run last first)
-	r, err := New(js, reg, Config{Workers: 2, AckWait: 30 * time.Second, MaxAckPending: 100, PublishTimeout: 10 * time.Second}, log, prometheus.NewRegistry())
+	r, err := New(js, reg, cfg, log, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -532,5 +537,24 @@ func TestUnstorableOutputIsHandedBackAlone(t *testing.T) {
 	}
 	if got, _ := f.on(t, topology.StreamDelivery, "imp.deliver.d1"); len(got) != 1 {
 		t.Errorf("d1 holds %d batches after the remainder, want 1", len(got))
+	}
+}
+
+// TestManyDestinationsArePublishedInWaves: a batch whose tenant has more
+// destinations than one wave (here 1,000 workers leave waves of 2) is
+// stored to every one of them, in waves, so one batch never fills the
+// connection's window of unacknowledged publishes that all workers share.
+func TestManyDestinationsArePublishedInWaves(t *testing.T) {
+	var dests []*adminv1.Destination
+	for i := range 7 {
+		dests = append(dests, &adminv1.Destination{Id: fmt.Sprintf("d%d", i), TenantId: "t1", Url: "https://example.com/", Enabled: true})
+	}
+	f := startCfg(t, Config{Workers: 1000, AckWait: 30 * time.Second, MaxAckPending: 100, PublishTimeout: 10 * time.Second}, stream.Limits{}, dests, nil)
+	f.submit(t, &eventv1.Batch{BatchId: "b1", TenantId: "t1", Impressions: []*ingestv1.Impression{imp("u1", "a")}}, "b1")
+	f.routed(t)
+	for i := range 7 {
+		if got, _ := f.on(t, topology.StreamDelivery, fmt.Sprintf("imp.deliver.d%d", i)); len(got) != 1 {
+			t.Errorf("d%d: %d batches, want 1", i, len(got))
+		}
 	}
 }
