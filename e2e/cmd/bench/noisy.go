@@ -135,6 +135,9 @@ func writeNoisy(dir string, measure time.Duration, env []string, baseline time.D
 		"with three quiet tenants (one healthy destination each, 10 impressions every 100 ms) and one noisy tenant in the row's shape, "+
 		"for %s of load; then the noisy endpoints heal, a paused destination is resumed, and everything is accounted by impression key. "+
 		"Settings: %s.\n\n", j.Date, j.Machine, measure, strings.Join(env, " "))
+	md.WriteString("Quiet p99 is end to end, from each quiet impression's Submit to its arrival. Lost counts copies (an impression times a destination) " +
+		"neither delivered nor parked when the drain ended; duplicates, copies beyond one per destination. " +
+		"The noisy tenant's refusals are by ErrorInfo reason.\n\n")
 	md.WriteString("| shape | quiet p99 | × baseline | lost | duplicates | quiet refused | noisy accepted | noisy delivered | noisy parked | noisy refused |\n")
 	md.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, r := range rows {
