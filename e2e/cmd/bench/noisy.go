@@ -6,14 +6,17 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/e2e/internal/noisy"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/repo"
+	"github.com/bulkhead-io/bulkhead/e2e/internal/report"
 	"github.com/bulkhead-io/bulkhead/e2e/internal/scenario"
 	"github.com/bulkhead-io/bulkhead/pkg/grpcserver"
 )
@@ -40,6 +43,7 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 	rate := fs.Float64("tenant-rate", 25000, "ingest's -tenant-rate: what the flood row offers")
 	out := fs.String("out", "", "directory for noisy.md and noisy.json (default: docs/bench)")
 	workdir := fs.String("workdir", "", "where Bulkhead's data and logs go (default: a new temporary directory)")
+	from := fs.String("from", "", "write noisy.md, noisy.png from this noisy.json instead of running")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -49,6 +53,9 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 	}
 	if *out == "" {
 		*out = filepath.Join(root, "docs", "bench")
+	}
+	if *from != "" {
+		return rewriteNoisy(*from, *out)
 	}
 	if *workdir == "" {
 		if *workdir, err = os.MkdirTemp("", "bulkhead-noisy-"); err != nil {
@@ -120,9 +127,42 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 	return writeNoisy(*out, *measure, env, baseline, rows, lines)
 }
 
+// rewriteNoisy renders noisy.md and noisy.png again from a noisy.json.
+func rewriteNoisy(from, dir string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	var j noisyJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	var lines []string
+	for _, r := range j.Rows {
+		lines = append(lines, r.Line(time.Duration(j.Baseline)))
+	}
+	return render(dir, j, lines)
+}
+
 func writeNoisy(dir string, measure time.Duration, env []string, baseline time.Duration, rows []noisy.Result, lines []string) error {
 	j := noisyJSON{Date: time.Now().UTC().Format(time.RFC3339), Machine: fmt.Sprintf("%d cores, %s", runtime.NumCPU(), runtime.Version()),
 		Measure: measure.String(), Env: env, Rows: rows, Baseline: int64(baseline)}
+	return render(dir, j, lines)
+}
+
+// render writes noisy.json, noisy.md and noisy.png for j.
+func render(dir string, j noisyJSON, lines []string) error {
+	rows, baseline, measure, env := j.Rows, time.Duration(j.Baseline), j.Measure, j.Env
+	var labels []string
+	var ratios []float64
+	for _, r := range rows {
+		labels = append(labels, r.Shape)
+		ratios = append(ratios, float64(r.QuietP99)/float64(max(baseline, 1)))
+	}
+	if err := report.WriteBars(filepath.Join(dir, "noisy.png"), "Quiet tenants' p99 beside one noisy tenant, per shape",
+		"quiet p99 ÷ baseline (bars cut at 3)", labels, ratios, 1.25, 3); err != nil {
+		return err
+	}
 	b, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
 		return err
@@ -143,8 +183,8 @@ func writeNoisy(dir string, measure time.Duration, env []string, baseline time.D
 	for _, r := range rows {
 		ratio := float64(r.QuietP99) / float64(max(baseline, 1))
 		var ref []string
-		for k, n := range r.NoisyRefused {
-			ref = append(ref, fmt.Sprintf("%s %d", k, n))
+		for _, k := range slices.Sorted(maps.Keys(r.NoisyRefused)) {
+			ref = append(ref, fmt.Sprintf("%s %d", k, r.NoisyRefused[k]))
 		}
 		fmt.Fprintf(&md, "| %s | %.0f ms | %.2f | %d | %d | %d | %d | %d | %d | %s |\n", r.Shape, float64(r.QuietP99)/1e6, ratio,
 			r.QuietLost+r.NoisyLost, r.QuietDups+r.NoisyDups, r.QuietRefused, r.NoisyAccepted, r.NoisyDelivered, r.NoisyParked, strings.Join(ref, ", "))

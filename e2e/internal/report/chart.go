@@ -109,3 +109,46 @@ func (secondTicks) Ticks(min, max float64) []plot.Tick {
 	}
 	return ticks
 }
+
+// WriteBars draws one bar per label with its value, on a linear y axis up
+// to clip (taller bars are cut there; every label carries its value), with
+// a dashed line at goal (0: none), and saves it to path; for the
+// noisy-neighbor matrix's quiet p99 ÷ baseline per shape.
+func WriteBars(path, title, yLabel string, labels []string, values []float64, goal, clip float64) error {
+	p := plot.New()
+	p.Title.Text = title
+	p.Y.Label.Text = yLabel
+	p.Add(plotter.NewGrid())
+	vals := make(plotter.Values, len(values))
+	named := make([]string, len(labels))
+	for i, v := range values {
+		vals[i] = min(v, clip)
+		named[i] = fmt.Sprintf("%s %.2f", labels[i], v)
+	}
+	bars, err := plotter.NewBarChart(vals, vg.Points(18))
+	if err != nil {
+		return fmt.Errorf("write chart %s: %w", path, err)
+	}
+	bars.Color = plotutil.Color(0)
+	bars.LineStyle.Width = 0
+	p.Add(bars)
+	p.NominalX(named...)
+	p.X.Tick.Label.Rotation = math.Pi / 5
+	p.X.Tick.Label.XAlign, p.X.Tick.Label.YAlign = -0.9, -0.6
+	p.Y.Min, p.Y.Max = 0, clip
+	if goal > 0 {
+		l, err := plotter.NewLine(plotter.XYs{{X: -0.5, Y: goal}, {X: float64(len(values)) - 0.5, Y: goal}})
+		if err != nil {
+			return fmt.Errorf("write chart %s: %w", path, err)
+		}
+		l.Color = color.NRGBA{R: 220, G: 50, B: 40, A: 255}
+		l.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+		p.Add(l)
+		p.Legend.Add(fmt.Sprintf("goal %.2f", goal), l)
+		p.Legend.Top = true
+	}
+	if err := p.Save(24*vg.Centimeter, 14*vg.Centimeter, path); err != nil {
+		return fmt.Errorf("write chart %s: %w", path, err)
+	}
+	return nil
+}
