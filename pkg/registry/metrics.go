@@ -1,6 +1,10 @@
 package registry
 
 import (
+	"context"
+	"log/slog"
+
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
@@ -21,4 +25,18 @@ func (r *Registry) RegisterMetrics(reg prometheus.Registerer) error {
 		}
 	}
 	return nil
+}
+
+// OpenMeasured is Open, with the view's metrics registered on reg: what
+// every service's wiring does.
+func OpenMeasured(ctx context.Context, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Registry, error) {
+	r, err := Open(ctx, js, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.RegisterMetrics(reg); err != nil {
+		r.Stop()
+		return nil, err
+	}
+	return r, nil
 }

@@ -135,14 +135,11 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 		ConnectTimeout: c.ConnectTimeout, TLSHandshakeTimeout: c.ConnectTimeout,
 	})
 	defer client.CloseIdleConnections()
-	dests, err := registry.Open(ctx, js, log)
+	dests, err := registry.OpenMeasured(ctx, js, log, reg)
 	if err != nil {
 		return err
 	}
 	defer dests.Stop()
-	if err := dests.RegisterMetrics(reg); err != nil {
-		return err
-	}
 	d, err := deliver.New(js, dests, client, c.Deliver, log, reg)
 	if err != nil {
 		return err

@@ -166,14 +166,11 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	}
 	defer refusals.Stop()
 	// The destinations, to charge a tenant's rate by what its batches cost.
-	dests, err := registry.Open(ctx, js, log)
+	dests, err := registry.OpenMeasured(ctx, js, log, reg)
 	if err != nil {
 		return err
 	}
 	defer dests.Stop()
-	if err := dests.RegisterMetrics(reg); err != nil {
-		return err
-	}
 
 	// Servers.
 	srv, err := api.New(js, ks, refusals, api.Limits{

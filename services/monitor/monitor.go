@@ -175,14 +175,11 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, lis Listeners) error 
 	reg := telemetry.NewRegistry()
 	client := webhook.NewClient(policy, webhook.ClientOptions{})
 	defer client.CloseIdleConnections()
-	view, err := registry.Open(ctx, js, log)
+	view, err := registry.OpenMeasured(ctx, js, log, reg)
 	if err != nil {
 		return err
 	}
 	defer view.Stop()
-	if err := view.RegisterMetrics(reg); err != nil {
-		return err
-	}
 	refusals, err := admission.Open(ctx, js, log)
 	if err != nil {
 		return err

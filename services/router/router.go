@@ -98,14 +98,11 @@ func Run(ctx context.Context, c *Config, log *slog.Logger, metrics net.Listener)
 	reg := telemetry.NewRegistry()
 	// The view outlives ctx until Run returns: batches still being routed
 	// during shutdown need a current view too.
-	dests, err := registry.Open(ctx, js, log)
+	dests, err := registry.OpenMeasured(ctx, js, log, reg)
 	if err != nil {
 		return err
 	}
 	defer dests.Stop()
-	if err := dests.RegisterMetrics(reg); err != nil {
-		return err
-	}
 	rep, err := replay.New(ctx, js, dests, c.Replay, log, reg)
 	if err != nil {
 		return err
