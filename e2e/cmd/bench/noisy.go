@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -44,6 +46,7 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 	out := fs.String("out", "", "directory for noisy.md and noisy.json (default: docs/bench)")
 	workdir := fs.String("workdir", "", "where Bulkhead's data and logs go (default: a new temporary directory)")
 	from := fs.String("from", "", "write noisy.md, noisy.png from this noisy.json instead of running")
+	profile := fs.String("profile", "", "directory for a 20 s CPU profile of Bulkhead taken during each row's load (<shape>.pprof)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -105,6 +108,9 @@ func runNoisy(ctx context.Context, log *slog.Logger, args []string) error {
 		if err != nil {
 			_ = c.Stop()
 			return fmt.Errorf("row %s: %w (log %s)", s.Name, err, c.LogPath)
+		}
+		if *profile != "" {
+			go cpuProfile(ctx, log, "http://"+c.MetricsAddr, filepath.Join(*profile, s.Name+".pprof"))
 		}
 		res, err := noisy.Run(ctx, noisy.Options{
 			IngestAddr: c.IngestAddr, AdminAddr: c.AdminAddr, AdminToken: adminToken,
@@ -191,4 +197,33 @@ func render(dir string, j noisyJSON, lines []string) error {
 	}
 	md.WriteString("\nThe lines `make bench-noisy` printed:\n\n```text\n" + strings.Join(lines, "\n") + "\n```\n")
 	return os.WriteFile(filepath.Join(dir, "noisy.md"), []byte(md.String()), 0o644)
+}
+
+// cpuProfile saves a 20 s CPU profile of the Bulkhead process, starting 5 s
+// into the row (setup done, load running).
+func cpuProfile(ctx context.Context, log *slog.Logger, base, path string) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(5 * time.Second):
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/debug/pprof/profile?seconds=20", nil)
+	if err != nil {
+		return
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		log.Warn("profile", "err", err)
+		return
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		log.Warn("profile", "err", err)
+		return
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		log.Warn("profile", "err", err)
+	}
 }
