@@ -367,7 +367,7 @@ func Summary(ctx context.Context, js jetstream.JetStream) (map[string]Backlog, e
 	first := sh.FirstSeq
 	out := make(map[string]Backlog, len(sh.ByID))
 	for id, n := range sh.ByID {
-		b := Backlog{Batches: int64(n)}
+		b := Backlog{Batches: n}
 		subj, _ := topology.Parked(id) // valid: IDFrom checked it
 		if raw, err := s.GetMsg(ctx, first, jetstream.WithGetMsgSubject(subj)); err == nil {
 			b.Oldest = raw.Time

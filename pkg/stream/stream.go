@@ -211,7 +211,7 @@ type Shares struct {
 	// ByID counts the messages on each subject matching the filter, by the
 	// id that ends it (a destination or tenant); subjects holding none are
 	// left out.
-	ByID map[string]uint64
+	ByID map[string]int64
 	// FirstSeq is the stream's first sequence, where a search by subject starts.
 	FirstSeq uint64
 	// Bytes and MaxBytes are the stream's size and limit.
@@ -239,13 +239,13 @@ func PerSubject(ctx context.Context, s jetstream.Stream, filter string) (Shares,
 		return Shares{}, err
 	}
 	out := Shares{
-		ByID:     make(map[string]uint64, len(info.State.Subjects)),
+		ByID:     make(map[string]int64, len(info.State.Subjects)),
 		FirstSeq: info.State.FirstSeq, Bytes: info.State.Bytes, MaxBytes: info.Config.MaxBytes,
 		PerSubjectLimit: info.Config.MaxMsgsPerSubject,
 	}
 	for subj, n := range info.State.Subjects {
 		if id, err := topology.IDFrom(subj); err == nil && n > 0 {
-			out.ByID[id] = n
+			out.ByID[id] = int64(n)
 		}
 	}
 	return out, nil

@@ -260,33 +260,16 @@ func (r *run) setup(ctx context.Context) error {
 
 // quiet submits tenant q's small batches every QuietEvery until ctx ends.
 func (r *run) quiet(ctx context.Context, q int) {
-	t := time.NewTicker(r.o.QuietEvery)
-	defer t.Stop()
-	key := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+r.o.Keys[q])
-	for seq := 0; ; seq++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		req := &ingestv1.SubmitRequest{IdempotencyKey: fmt.Sprintf("q%d-%d", q, seq)}
-		for j := range r.o.QuietBatch {
-			req.Impressions = append(req.Impressions, impression(fmt.Sprintf("q%d-%d-%d", q, seq, j), 0))
-		}
-		at := time.Now()
-		cctx, cancel := context.WithTimeout(key, 10*time.Second)
-		_, err := r.ing.Submit(cctx, req)
-		cancel()
-		r.mu.Lock()
-		if err != nil {
-			r.quietRef++
-		} else {
-			for _, imp := range req.Impressions {
+	r.submitEvery(ctx, r.o.Keys[q], r.o.QuietEvery, fmt.Sprintf("q%d", q), r.o.QuietBatch, 0,
+		func(at time.Time, req *ingestv1.SubmitRequest, err error) {
+			if err != nil {
+				r.quietRef++
+				return
+			}
+			for _, imp := range req.GetImpressions() {
 				r.submitted[imp.GetKey()] = at
 			}
-		}
-		r.mu.Unlock()
-	}
+		})
 }
 
 // noisy is one of the noisy tenant's senders: Rate/Senders impressions a
@@ -295,30 +278,43 @@ func (r *run) quiet(ctx context.Context, q int) {
 func (r *run) noisy(ctx context.Context, w int) {
 	perSender := r.s.Rate / float64(r.s.Senders)
 	every := time.Duration(float64(time.Second) * float64(r.s.Batch) / perSender)
+	r.submitEvery(ctx, r.o.Keys[r.o.Quiet], every, fmt.Sprintf("n%d", w), r.s.Batch, r.s.Padding,
+		func(_ time.Time, req *ingestv1.SubmitRequest, err error) {
+			if err != nil {
+				r.refused[reason(err)]++
+				return
+			}
+			for _, imp := range req.GetImpressions() {
+				r.noisyKeys[imp.GetKey()] = true
+			}
+		})
+}
+
+// submitEvery submits, every period until ctx ends, a batch of n
+// impressions keyed "<prefix>-<seq>-<i>" (each padded with padding bytes
+// of properties) with apiKey, and reports each Submit to record, with when
+// it was sent, under r.mu.
+func (r *run) submitEvery(ctx context.Context, apiKey string, every time.Duration, prefix string, n, padding int,
+	record func(at time.Time, req *ingestv1.SubmitRequest, err error)) {
 	t := time.NewTicker(every)
 	defer t.Stop()
-	key := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+r.o.Keys[r.o.Quiet])
+	key := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+apiKey)
 	for seq := 0; ; seq++ {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		req := &ingestv1.SubmitRequest{IdempotencyKey: fmt.Sprintf("n%d-%d", w, seq)}
-		for j := range r.s.Batch {
-			req.Impressions = append(req.Impressions, impression(fmt.Sprintf("n%d-%d-%d", w, seq, j), r.s.Padding))
+		req := &ingestv1.SubmitRequest{IdempotencyKey: fmt.Sprintf("%s-%d", prefix, seq)}
+		for j := range n {
+			req.Impressions = append(req.Impressions, impression(fmt.Sprintf("%s-%d-%d", prefix, seq, j), padding))
 		}
+		at := time.Now()
 		cctx, cancel := context.WithTimeout(key, 10*time.Second)
 		_, err := r.ing.Submit(cctx, req)
 		cancel()
 		r.mu.Lock()
-		if err != nil {
-			r.refused[reason(err)]++
-		} else {
-			for _, imp := range req.Impressions {
-				r.noisyKeys[imp.GetKey()] = true
-			}
-		}
+		record(at, req, err)
 		r.mu.Unlock()
 	}
 }

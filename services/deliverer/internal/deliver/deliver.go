@@ -6,6 +6,7 @@
 package deliver
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -109,7 +110,7 @@ func New(js jetstream.JetStream, view *registry.Registry, client *webhook.Client
 		// A quarter of the pool: however many slow destinations a tenant
 		// has, three quarters stay for the others. Never below two full
 		// destination caps, so a small pool is not split finer than that.
-		cfg.Schedule.TenantMaxInFlight = max(2*schedule.DefaultConfig().MaxCap, cfg.Schedule.MaxCap*2, cfg.Workers/4)
+		cfg.Schedule.TenantMaxInFlight = max(2*cmp.Or(cfg.Schedule.MaxCap, schedule.DefaultConfig().MaxCap), cfg.Workers/4)
 	}
 	sched, err := schedule.New[*job](cfg.Schedule)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/pkg/topology"
 	"github.com/bulkhead-io/bulkhead/pkg/webhook"
 	"github.com/bulkhead-io/bulkhead/services/deliverer/internal/schedule"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // work is one worker of the shared pool: it takes the next batch the
@@ -33,35 +34,50 @@ func (d *Deliverer) work() {
 			d.sched.Done(t, schedule.Neutral)
 			continue
 		}
-		replay := j.replay()
-		if replay && !takeSlot(&d.replaying, d.cfg.ReplayShare, d.cfg.Workers) {
-			// Over the replay budget: recovering backlogs wait a little,
-			// without a worker, so fresh traffic keeps its workers.
-			d.metrics.replaysDeferred.Inc()
-			d.sched.Done(t, schedule.Neutral)
-			d.group.AfterFunc(retryDeferral, func() { d.requeue(j) })
-			continue
-		}
-		retry := j.attempt > 0
-		if retry && !takeSlot(&d.retrying, d.cfg.RetryShare, d.cfg.Workers) {
-			if replay {
-				d.replaying.Add(-1)
-			}
-			// Over the retry budget: fresh traffic keeps its share of the
-			// workers; this retry waits a little without holding one.
-			d.metrics.retriesDeferred.Inc()
+		release, over := d.claimShares(j)
+		if over != nil {
+			// Over a share: fresh traffic keeps its workers; this batch
+			// waits a little without holding one.
+			over.Inc()
 			d.sched.Done(t, schedule.Neutral)
 			d.group.AfterFunc(retryDeferral, func() { d.requeue(j) })
 			continue
 		}
 		d.sched.Done(t, d.attempt(j))
-		if retry {
-			d.retrying.Add(-1)
-		}
-		if replay {
-			d.replaying.Add(-1)
+		release()
+	}
+}
+
+// claimShares takes the workers' shares j counts against: a replayed
+// batch one of ReplayShare, a retry one of RetryShare. It returns what
+// gives them back, or, when a share is spent, its deferral counter (and
+// holds nothing).
+func (d *Deliverer) claimShares(j *job) (release func(), over prometheus.Counter) {
+	var held []*atomic.Int64
+	release = func() {
+		for _, n := range held {
+			n.Add(-1)
 		}
 	}
+	for _, s := range []struct {
+		applies bool
+		busy    *atomic.Int64
+		share   float64
+		over    prometheus.Counter
+	}{
+		{j.replay(), &d.replaying, d.cfg.ReplayShare, d.metrics.replaysDeferred},
+		{j.attempt > 0, &d.retrying, d.cfg.RetryShare, d.metrics.retriesDeferred},
+	} {
+		if !s.applies {
+			continue
+		}
+		if !takeSlot(s.busy, s.share, d.cfg.Workers) {
+			release()
+			return nil, s.over
+		}
+		held = append(held, s.busy)
+	}
+	return release, nil
 }
 
 // retryDeferral is how long a retry over the budget waits before it is

@@ -25,11 +25,7 @@ func (e *Engine) watchBacklog(ctx context.Context) {
 		e.log.Warn("read the shared streams", "err", err)
 		return
 	}
-	backlog := make(map[string]int64, len(sh.delivery.ByID))
-	for id, n := range sh.delivery.ByID {
-		backlog[id] = int64(n)
-	}
-	e.checkStalls(time.Now(), backlog)
+	e.checkStalls(time.Now(), sh.delivery.ByID)
 	e.account(rctx, sh)
 }
 

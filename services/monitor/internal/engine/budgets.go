@@ -19,7 +19,6 @@ import (
 // replica's admin API reports budgets from it, and the leader refuses
 // tenants from it.
 type shares struct {
-	at                      time.Time
 	impressions, delivery   stream.Shares
 	parked                  stream.Shares
 	tenantParked            map[string]int64 // by tenant, over its destinations
@@ -29,7 +28,7 @@ type shares struct {
 
 // readShares reads the three shared streams, one stream-info request each.
 func (e *Engine) readShares(ctx context.Context) (*shares, error) {
-	sh := &shares{at: time.Now(), tenantParked: map[string]int64{}, tenantDelivery: map[string]int64{}, destinationsOverBacklog: map[string]bool{}}
+	sh := &shares{tenantParked: map[string]int64{}, tenantDelivery: map[string]int64{}, destinationsOverBacklog: map[string]bool{}}
 	for _, r := range []struct {
 		name, filter string
 		into         *stream.Shares
@@ -48,14 +47,14 @@ func (e *Engine) readShares(ctx context.Context) (*shares, error) {
 	}
 	for id, n := range sh.parked.ByID {
 		if d := e.reg.Destination(id); d != nil {
-			sh.tenantParked[d.GetTenantId()] += int64(n)
+			sh.tenantParked[d.GetTenantId()] += n
 		}
 	}
 	for id, n := range sh.delivery.ByID {
 		if d := e.reg.Destination(id); d != nil {
-			sh.tenantDelivery[d.GetTenantId()] += int64(n)
+			sh.tenantDelivery[d.GetTenantId()] += n
 		}
-		if lim := sh.delivery.PerSubjectLimit; lim > 0 && int64(n) >= lim {
+		if lim := sh.delivery.PerSubjectLimit; lim > 0 && n >= lim {
 			sh.destinationsOverBacklog[id] = true
 		}
 	}
@@ -88,21 +87,13 @@ func (e *Engine) account(ctx context.Context, sh *shares) {
 
 // usage is sh as package budget sees it.
 func (e *Engine) usage(sh *shares) budget.Usage {
-	parked := make(map[string]int64, len(sh.parked.ByID))
-	for id, n := range sh.parked.ByID {
-		parked[id] = int64(n)
-	}
-	ingest := make(map[string]int64, len(sh.impressions.ByID))
-	for id, n := range sh.impressions.ByID {
-		ingest[id] = int64(n)
-	}
 	return budget.Usage{
-		Parked: parked,
+		Parked: sh.parked.ByID,
 		TenantOf: func(dest string) string {
 			return e.reg.Destination(dest).GetTenantId() // "" when deleted
 		},
 		Streams: []budget.Stream{
-			{Name: topology.StreamImpressions, Fill: sh.impressions.Fill(), ByTenant: ingest},
+			{Name: topology.StreamImpressions, Fill: sh.impressions.Fill(), ByTenant: sh.impressions.ByID},
 			{Name: topology.StreamDelivery, Fill: sh.delivery.Fill(), ByTenant: sh.tenantDelivery},
 			{Name: topology.StreamParked, Fill: sh.parked.Fill(), ByTenant: sh.tenantParked},
 		},
@@ -182,15 +173,15 @@ func (e *Engine) Budgets(d *adminv1.Destination) ([]*eventv1.Budget, *eventv1.Re
 		return nil, refusal
 	}
 	id, tenant := d.GetId(), d.GetTenantId()
-	b := func(resource, scope string, used uint64, limit int64, exhausted bool) *eventv1.Budget {
-		return &eventv1.Budget{Resource: resource, Scope: scope, Used: int64(used), Limit: limit, Unit: "batches",
-			Exhausted: exhausted || limit > 0 && int64(used) >= limit}
+	b := func(resource, scope string, used, limit int64, exhausted bool) *eventv1.Budget {
+		return &eventv1.Budget{Resource: resource, Scope: scope, Used: used, Limit: limit, Unit: "batches",
+			Exhausted: exhausted || limit > 0 && used >= limit}
 	}
 	refusedFor := func(resource string) bool { return refusal.GetBudget().GetResource() == resource }
 	return []*eventv1.Budget{
 		b(budget.DeliveryBacklog, "destination", sh.delivery.ByID[id], sh.delivery.PerSubjectLimit, false),
 		b(budget.DestinationParked, "destination", sh.parked.ByID[id], sh.parked.PerSubjectLimit, refusedFor(budget.DestinationParked)),
-		b(budget.TenantParked, "tenant", uint64(sh.tenantParked[tenant]), e.cfg.Budgets.TenantParked, refusedFor(budget.TenantParked)),
+		b(budget.TenantParked, "tenant", sh.tenantParked[tenant], e.cfg.Budgets.TenantParked, refusedFor(budget.TenantParked)),
 		b(budget.TenantIngestBacklog, "tenant", sh.impressions.ByID[tenant], sh.impressions.PerSubjectLimit, false),
 	}, refusal
 }

@@ -120,12 +120,19 @@ func (r *Replayer) Overflowed(dest string) {
 func (r *Replayer) overflowedAtStart(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	sum, err := parked.Summary(sctx, r.js)
+	// The counts alone (one request): parked.Summary would also read each
+	// destination's oldest batch.
+	st, err := r.js.Stream(sctx, topology.StreamParked)
 	if err != nil {
 		r.log.Warn("look for batches parked over budget", "err", err)
 		return
 	}
-	for id := range sum {
+	sh, err := stream.PerSubject(sctx, st, topology.AllParked)
+	if err != nil {
+		r.log.Warn("look for batches parked over budget", "err", err)
+		return
+	}
+	for id := range sh.ByID {
 		r.Overflowed(id)
 	}
 }
@@ -158,7 +165,7 @@ func (r *Replayer) sweepOverflow(ctx context.Context) {
 		}
 		subj, _ := topology.Deliver(id)
 		sh, err := stream.PerSubject(ctx, st, subj)
-		if err != nil || sh.PerSubjectLimit > 0 && int64(sh.ByID[id]) > sh.PerSubjectLimit/2 {
+		if err != nil || sh.PerSubjectLimit > 0 && sh.ByID[id] > sh.PerSubjectLimit/2 {
 			continue
 		}
 		r.forget(id) // parking over budget again marks it again
